@@ -1,0 +1,1 @@
+"""Typer command line of the MNIST pipeline; thin wrappers over :mod:`pipeline`."""

@@ -1,0 +1,149 @@
+"""The Typer application, the options every job shares, and ``config show``.
+
+Each command parses its options, calls one library function from :mod:`pipeline`, and
+reports. Settings come from (highest first) command-line options, environment variables
+``MNIST_PIPELINE_<JOB>_<OPTION>`` (e.g. ``MNIST_PIPELINE_INGEST_CHUNK_SIZE``), a TOML
+config file (``--config``, ``MNIST_PIPELINE_CONFIG``, or ``./pipeline.toml``), then defaults.
+
+Exit codes: 0 success (or nothing to do), 1 the run failed, 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import click
+import typer
+
+from pipeline.errors import PipelineError
+from pipeline.logs import LogFormat, configure_logging
+
+app = typer.Typer(
+    name="mnist-pipeline",
+    help="Batch pipeline for MNIST-style digits: fetch -> ingest -> features -> train -> score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={
+        "auto_envvar_prefix": "MNIST_PIPELINE",
+        "help_option_names": ["-h", "--help"],
+    },
+)
+config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+DEFAULT_CONFIG = Path("pipeline.toml")
+
+# Options every job shares.
+Force = Annotated[bool, typer.Option("--force", help="Rebuild even when the output is up to date.")]
+LockTimeout = Annotated[
+    float,
+    typer.Option(
+        "--lock-timeout",
+        help="Seconds to wait when another run is writing the same output, then fail.",
+        min=0,
+    ),
+]
+LogFormatOpt = Annotated[
+    Literal["human", "json"],
+    typer.Option("--log-format", help="'human' lines, or 'json' lines for cron/HPC log collectors."),
+]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+    typer.Option("--log-level", help="Least severe messages to log.", case_sensitive=False),
+]
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise typer.BadParameter(f"expected a TOML file at {path}, got no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise typer.BadParameter(f"{path}: expected valid TOML, got {e}") from None
+    default_map: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise typer.BadParameter(
+                f"{path}: expected [job] tables such as [ingest], got top-level key {section!r}"
+            )
+        default_map[section] = {k.replace("-", "_"): v for k, v in values.items()}
+    return default_map
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file with a [job] table per job (keys are option names); "
+            "default ./pipeline.toml if present.",
+            envvar="MNIST_PIPELINE_CONFIG",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Batch jobs for MNIST-style digit classification with hand-crafted features."""
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    if config is not None:
+        ctx.default_map = _load_config(config)
+    ctx.obj = {"config": str(config) if config else None}
+
+
+@contextlib.contextmanager
+def job(log_format: str, log_level: str) -> Iterator[None]:
+    """Set up logging and turn pipeline errors into a one-line message and an exit code."""
+    fmt: LogFormat = "json" if log_format == "json" else "human"
+    configure_logging(fmt=fmt, level=log_level)
+    try:
+        yield
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; no partial output was kept", err=True)
+        raise typer.Exit(130) from None
+
+
+def report(message: str) -> None:
+    """The job's result line, on stdout."""
+    typer.echo(message)
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context) -> None:
+    """Print every job's effective settings and where each comes from."""
+    root_ctx = ctx.find_root()
+    group = root_ctx.command
+    assert isinstance(group, click.Group)
+    typer.echo(f"# config file: {root_ctx.obj.get('config') if root_ctx.obj else None}")
+    for name in sorted(group.commands):
+        cmd = group.commands[name]
+        if isinstance(cmd, click.Group):
+            continue
+        sub = cmd.make_context(name, [], parent=root_ctx, resilient_parsing=True)
+        typer.echo(f"[{name}]")
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.name in (None, "help"):
+                continue
+            source = sub.get_parameter_source(param.name)
+            origin = (
+                {
+                    click.core.ParameterSource.COMMANDLINE: "cli",
+                    click.core.ParameterSource.ENVIRONMENT: "env",
+                    click.core.ParameterSource.DEFAULT_MAP: "config",
+                }.get(source, "default")
+                if source
+                else "default"
+            )
+            value = sub.params.get(param.name)
+            typer.echo(f"{param.name} = {value!r}  # {origin}")
+        typer.echo("")

@@ -1,0 +1,50 @@
+"""Named exceptions of the pipeline.
+
+Jobs turn :class:`InputError` into exit code 2 (the user gave something wrong) and every
+other :class:`PipelineError` into exit code 1 (the run failed). Messages are one line and
+say what was expected and what arrived.
+"""
+
+
+class PipelineError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(PipelineError):
+    """The user's input (a file, an option, a configuration) is not acceptable."""
+
+    exit_code = 2
+
+
+class IdxFormatError(InputError):
+    """An idx file does not follow the idx format."""
+
+
+class DatasetMismatchError(InputError):
+    """Image and label files do not belong together (counts, ranges, shapes)."""
+
+
+class ChecksumError(PipelineError):
+    """Downloaded or stored content does not have the expected checksum."""
+
+
+class FetchError(PipelineError):
+    """A file could not be obtained from any source."""
+
+
+class StoreError(InputError):
+    """A zarr store or parquet dataset is missing or not what the stage expects."""
+
+
+class ConfigMismatchError(InputError):
+    """Features were made with another feature configuration than the model expects."""
+
+
+class ArtifactError(InputError):
+    """A model artifact is missing, tampered with or of an unknown version."""
+
+
+class LockError(PipelineError):
+    """Another run holds the lock on the same output."""

@@ -1,0 +1,328 @@
+"""The stage runner every job goes through, so batch behaviour is the same everywhere.
+
+A stage turns input files into one output (a file or a folder). :func:`run_stage`
+
+* takes a lock beside the output, so two runs on the same output cannot interleave
+  (the second waits up to ``lock_timeout`` seconds, then fails with :class:`LockError`);
+* skips the work when the manifest beside the output says it was built from the same
+  inputs (content checksums), parameters and pipeline version, and the output is unchanged;
+* builds into a hidden temporary path beside the output and renames it into place only
+  when complete (a crash or kill never leaves something that looks finished);
+* writes a run manifest ``<output>.manifest.json``: inputs with checksums, parameters,
+  library versions, start/end time, host, wall time, peak memory, and the stage's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import InputError, LockError
+from pipeline.fingerprint import content_fingerprint, disk_usage, fsync_dir, stat_fingerprint
+from pipeline.logs import get_logger
+
+MANIFEST_VERSION = 1
+_TRACKED_LIBRARIES = (
+    "numpy", "scipy", "scikit-learn", "dask", "distributed", "pyarrow", "zarr", "Pillow",
+)  # fmt: skip
+
+BuildFn = Callable[[Path], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage run did. ``skipped`` is True when the output was already up to date."""
+
+    stage: str
+    output: Path
+    skipped: bool
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return dict(self.manifest.get("result") or {})
+
+
+def manifest_path(output: Path) -> Path:
+    """Where the run manifest of ``output`` lives: ``<output>.manifest.json`` beside it."""
+    return output.with_name(output.name + ".manifest.json")
+
+
+def temp_path(output: Path) -> Path:
+    """The hidden path an output is built at before it is renamed into place."""
+    return output.with_name(f".{output.name}.partial")
+
+
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of ``output``, or None when there is none or it is unreadable."""
+    try:
+        data = json.loads(manifest_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "mnist-pipeline": __version__}
+    for name in _TRACKED_LIBRARIES:
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and waited-for children), in MiB (Linux)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return round(max(own, children) * scale / 2**20, 1)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path, *, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock for ``output``; wait up to ``timeout`` seconds for it.
+
+    Uses ``flock`` on a hidden ``.<name>.lock`` file beside the output. The holder's pid and
+    host are written into it so the waiting run can say who holds it.
+    """
+    lock_file = output.with_name(f".{output.name}.lock")
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = Path(lock_file).read_text().strip() or "another run"
+                if time.monotonic() >= deadline:
+                    raise LockError(
+                        f"{output}: expected to get the lock within {timeout:g} s, "
+                        f"got it held by {holder} (raise --lock-timeout to wait longer)"
+                    ) from None
+                if not announced:
+                    get_logger("lock").info("waiting for %s, held by %s", output, holder)
+                    announced = True
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing releases the flock
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM so cleanup code runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    """Rename ``tmp`` to ``output``, replacing an existing output (file or folder)."""
+    if output.exists() or output.is_symlink():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        tmp.rename(output)
+        _remove(old)
+    else:
+        tmp.rename(output)
+    fsync_dir(output.parent)
+
+
+def is_up_to_date(
+    output: Path, *, inputs: Mapping[str, str], params: Mapping[str, Any]
+) -> tuple[bool, str]:
+    """Whether ``output`` was built from these input fingerprints and parameters.
+
+    Returns ``(up_to_date, reason)``; the reason says what differs.
+    """
+    manifest = read_manifest(output)
+    if not output.exists():
+        return False, "no output yet"
+    if manifest is None or manifest.get("status") != "complete":
+        return False, "no complete manifest beside the output"
+    if manifest.get("pipeline_version") != __version__:
+        return False, f"built by pipeline {manifest.get('pipeline_version')}, now {__version__}"
+    old_inputs = {k: v.get("sha256") for k, v in (manifest.get("inputs") or {}).items()}
+    if old_inputs != dict(inputs):
+        return False, "inputs changed"
+    if manifest.get("params") != _jsonable(params):
+        return False, "parameters changed"
+    if (manifest.get("output") or {}).get("fingerprint") != stat_fingerprint(output):
+        return False, "output was modified after it was built"
+    return True, "up to date"
+
+
+def run_stage(
+    stage: str,
+    *,
+    output: Path,
+    inputs: Mapping[str, Path],
+    params: Mapping[str, Any],
+    build: BuildFn,
+    force: bool = False,
+    lock_timeout: float = 60.0,
+    atomic: bool = True,
+    resume: bool = False,
+    input_fingerprint: Callable[[Path], str] = content_fingerprint,
+) -> StageResult:
+    """Run one stage with the shared batch behaviour (see the module docstring).
+
+    Parameters
+    ----------
+    stage : str
+        Stage name, used in logs and the manifest.
+    output : Path
+        The file or folder this stage produces.
+    inputs : mapping of name to Path
+        Files or folders the output depends on; they must exist.
+    params : mapping
+        JSON-serialisable parameters that change the output.
+    build : callable
+        ``build(path)`` writes the output at ``path`` (a temporary path beside ``output``
+        when ``atomic``, else ``output`` itself, for stages that write each file atomically
+        on their own). It may return a mapping recorded as the manifest's ``result``.
+    force : bool
+        Rebuild even when up to date.
+    lock_timeout : float
+        Seconds to wait for another run on the same output.
+    resume : bool
+        Keep a temporary output left by a killed run (the build continues it) and keep it
+        when this run fails, instead of starting afresh.
+    input_fingerprint : callable
+        How inputs are fingerprinted; content sha256 by default.
+    """
+    log = get_logger(stage)
+    output = Path(output)
+    for name, path in inputs.items():
+        if not Path(path).exists():
+            raise InputError(f"{stage}: expected {name} at {path}, got no such file or folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    with output_lock(output, timeout=lock_timeout), _terminate_as_interrupt():
+        fingerprints = {name: input_fingerprint(Path(p)) for name, p in inputs.items()}
+        if not force:
+            fresh, reason = is_up_to_date(output, inputs=fingerprints, params=params)
+            if fresh:
+                log.info("%s is up to date; nothing to do (use --force to rebuild)", output)
+                return StageResult(stage, output, True, read_manifest(output) or {})
+            log.info("building %s (%s)", output, reason)
+        else:
+            log.info("building %s (--force)", output)
+        target = temp_path(output) if atomic else output
+        if atomic and not resume:
+            _remove(target)
+        if not atomic:
+            _remove(manifest_path(output))
+        try:
+            result = build(target)
+        except BaseException:
+            if atomic and not resume:
+                _remove(target)
+            raise
+        # Drop the old manifest first: a crash between here and the new manifest leaves an
+        # output without one, which the next run rebuilds rather than trusts.
+        _remove(manifest_path(output))
+        if atomic:
+            _swap_into_place(target, output)
+        finished = datetime.now(UTC)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": stage,
+            "status": "complete",
+            "pipeline_version": __version__,
+            "inputs": {
+                name: {"path": str(p), "sha256": fingerprints[name], "bytes": disk_usage(Path(p))}
+                for name, p in inputs.items()
+            },
+            "params": _jsonable(params),
+            "output": {
+                "path": str(output),
+                "bytes": disk_usage(output),
+                "fingerprint": stat_fingerprint(output),
+            },
+            "result": _jsonable(dict(result or {})),
+            "versions": library_versions(),
+            "run": {
+                "started": started.isoformat(timespec="seconds"),
+                "finished": finished.isoformat(timespec="seconds"),
+                "wall_seconds": round(time.perf_counter() - t0, 3),
+                "peak_rss_mb": peak_rss_mb(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "cpus": os.cpu_count(),
+                "argv": sys.argv,
+            },
+        }
+        write_json_atomic(manifest_path(output), manifest)
+        log.info(
+            "wrote %s in %.2f s (peak memory %.0f MiB)",
+            output,
+            manifest["run"]["wall_seconds"],
+            manifest["run"]["peak_rss_mb"],
+            extra={"data": {"output": str(output), **manifest["run"]}},
+        )
+        return StageResult(stage, output, False, manifest)
