@@ -50,7 +50,9 @@ LockTimeout = Annotated[
 ]
 LogFormatOpt = Annotated[
     Literal["human", "json"],
-    typer.Option("--log-format", help="'human' lines, or 'json' lines for cron/HPC log collectors."),
+    typer.Option(
+        "--log-format", help="'human' lines, or 'json' lines for cron/HPC log collectors."
+    ),
 ]
 LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR"],

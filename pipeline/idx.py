@@ -36,6 +36,7 @@ _CODES = {dt.newbyteorder("="): code for code, dt in IDX_TYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 # A single row larger than this is a corrupt header, not a dataset.
 _MAX_ROW_BYTES = 1 << 28
+_READ_PIECE = 1 << 24
 _READ_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, OSError)
 
 
@@ -85,7 +86,9 @@ def open_idx(path: Path) -> Iterator[BinaryIO]:
     except FileNotFoundError:
         raise IdxFormatError(f"{path}: expected an idx file, got no such file") from None
     except OSError as e:
-        raise IdxFormatError(f"{path}: cannot open: {e.strerror or e}") from None
+        raise IdxFormatError(
+            f"{path}: expected a readable idx file, got {e.strerror or e}"
+        ) from None
     with raw:
         if raw.read(2) == _GZIP_MAGIC:
             raw.seek(0)
@@ -181,8 +184,8 @@ def iter_idx(path: Path, *, rows_per_chunk: int = 4096) -> Iterator[np.ndarray]:
         while done < header.count:
             rows = min(rows_per_chunk, header.count - done)
             nbytes = rows * row_items * header.dtype.itemsize
-            buf = bytearray(nbytes)
-            got = _readinto_full(f, buf, path)
+            buf = _read_up_to(f, nbytes, path)
+            got = len(buf)
             if got != nbytes:
                 expected = header.header_bytes + header.payload_bytes
                 arrived = header.header_bytes + done * row_items * header.dtype.itemsize + got
@@ -206,20 +209,21 @@ def iter_idx(path: Path, *, rows_per_chunk: int = 4096) -> Iterator[np.ndarray]:
             )
 
 
-def _readinto_full(f: BinaryIO, buf: bytearray, path: Path) -> int:
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
+def _read_up_to(f: BinaryIO, n: int, path: Path) -> bytearray:
+    """Read up to ``n`` bytes. Memory grows with what arrives, not with what the header
+    claims, so a corrupt (gzip) header fails as truncated instead of exhausting memory."""
+    buf = bytearray()
+    while len(buf) < n:
         try:
-            n = f.readinto(view[got:])  # type: ignore[attr-defined]
+            piece = f.read(min(n - len(buf), _READ_PIECE))
         except _READ_ERRORS as e:
             raise IdxFormatError(
                 f"{path}: expected a valid gzip stream, got {_describe(e)}"
             ) from None
-        if not n:
+        if not piece:
             break
-        got += n
-    return got
+        buf += piece
+    return buf
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -124,6 +124,7 @@ def output_lock(output: Path, *, timeout: float) -> Iterator[None]:
     """
     lock_file = output.with_name(f".{output.name}.lock")
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    acquired = False
     try:
         deadline = time.monotonic() + max(timeout, 0.0)
         announced = False
@@ -142,12 +143,14 @@ def output_lock(output: Path, *, timeout: float) -> Iterator[None]:
                     get_logger("lock").info("waiting for %s, held by %s", output, holder)
                     announced = True
                 time.sleep(0.2)
+        acquired = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        if acquired:  # a run that timed out must not erase the holder's note
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         os.close(fd)  # closing releases the flock
 
 

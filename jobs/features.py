@@ -1,0 +1,70 @@
+"""``mnist-pipeline features``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job, report
+from pipeline.catalogue import load_config
+from pipeline.features import features as features_stage
+
+
+@app.command()
+def features(
+    store: Annotated[Path, typer.Option("--store", help="zarr store written by ingest.")] = Path(
+        "data/mnist.zarr"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Parquet dataset folder to write.")] = Path(
+        "data/features"
+    ),
+    feature_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--feature-config",
+            help="TOML/JSON feature configuration (views + families); default: the built-in "
+            "most accurate set. See README 'Feature catalogue'.",
+            dir_okay=False,
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Threads of the local scheduler (default: all CPUs).", min=1
+        ),
+    ] = None,
+    force: Force = False,
+    lock_timeout: LockTimeout = 60.0,
+    log_format: LogFormatOpt = "human",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Preprocess images and extract hand-crafted features in parallel -> parquet.
+
+    Example: mnist-pipeline features --store data/mnist.zarr --out data/features
+    """
+    with job(log_format, log_level):
+        config = load_config(feature_config)
+        result = features_stage(
+            store=store,
+            out=out,
+            config=config,
+            scheduler=scheduler,
+            workers=workers,
+            force=force,
+            lock_timeout=lock_timeout,
+        )
+    r = result.result
+    report(
+        f"features: {out} {'up to date' if result.skipped else 'written'} "
+        f"({', '.join(f'{k} {v}' for k, v in r.get('rows', {}).items())} rows, "
+        f"{r.get('features')} features, config {config.hash[:12]})"
+    )

@@ -1,0 +1,122 @@
+"""The ``features`` stage: zarr dataset store -> parquet feature dataset, in parallel with dask.
+
+Each zarr chunk of images becomes one dask task that extracts the features of that chunk
+and writes one parquet part, so memory is bounded by the chunk size, not the dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from pipeline import __version__
+from pipeline.catalogue import FeatureConfig, columns
+from pipeline.extract import feature_widths, features_dask
+from pipeline.logs import get_logger
+from pipeline.parallel import compute_tasks
+from pipeline.parquet import feature_schema, feature_table, write_table
+from pipeline.stage import StageResult, run_stage
+from pipeline.store import SPLITS, open_store, split_arrays
+
+FORMAT = "mnist-pipeline/features/1"
+log = get_logger("features")
+
+
+def _write_part(X: np.ndarray, labels: np.ndarray, start: int, path: Path, **kw: Any) -> int:
+    image_id = np.arange(start, start + X.shape[0], dtype=np.int64)
+    write_table(path, feature_table(X, image_id=image_id, labels=labels, **kw))
+    return X.shape[0]
+
+
+def build_features(
+    out: Path,
+    *,
+    store: Path,
+    config: FeatureConfig,
+    splits: tuple[str, ...] = SPLITS,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Write the feature dataset of ``splits`` of ``store`` into the folder ``out``."""
+    root = open_store(store)
+    image_shape = tuple(int(s) for s in root.attrs["image_shape"])
+    if len(image_shape) != 2:
+        raise AssertionError(f"store image_shape {image_shape}")
+    widths = feature_widths(config, (image_shape[0], image_shape[1]))
+    layout = columns(config, widths, (image_shape[0], image_shape[1]))
+    meta = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "config_hash": config.hash,
+        "columns": [asdict(c) for c in layout],
+        "image_shape": list(image_shape),
+        "num_classes": root.attrs.get("num_classes"),
+        "dataset": root.attrs.get("dataset"),
+        "store_sources": root.attrs.get("sources"),
+        "pipeline_version": __version__,
+    }
+    schema = feature_schema(layout, meta)
+    out.mkdir(parents=True)
+    tasks, weights, rows = [], [], {}
+    for split in splits:
+        images_z, labels_z = split_arrays(root, split)
+        labels = labels_z[:]
+        images = da.from_zarr(images_z)
+        X = features_dask(images, config)
+        starts = np.cumsum((0, *X.chunks[0]))
+        for i, block in enumerate(X.to_delayed().ravel()):
+            a, b = int(starts[i]), int(starts[i + 1])
+            path = out / f"{split}-{i:05d}.parquet"
+            tasks.append(
+                dask.delayed(_write_part, pure=False)(
+                    block, labels[a:b], a, path, split=split, columns=layout, schema=schema
+                )
+            )
+            weights.append(b - a)
+        rows[split] = int(images.shape[0])
+    compute_tasks(
+        tasks,
+        weights=weights,
+        logger=log,
+        description="features",
+        scheduler=scheduler,
+        workers=workers,
+    )
+    return {
+        "rows": rows,
+        "features": int(sum(widths.values())),
+        "columns": len(layout) + 3,
+        "parts": len(tasks),
+        "config_hash": config.hash,
+        "widths": widths,
+    }
+
+
+def features(
+    *,
+    store: Path,
+    out: Path,
+    config: FeatureConfig,
+    splits: tuple[str, ...] = SPLITS,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    lock_timeout: float = 60.0,
+) -> StageResult:
+    """The ``features`` stage (see the module docstring)."""
+    return run_stage(
+        "features",
+        output=out,
+        inputs={"store": store},
+        params={"config_hash": config.hash, "config": config.to_dict(), "splits": list(splits)},
+        force=force,
+        lock_timeout=lock_timeout,
+        build=lambda tmp: build_features(
+            tmp, store=store, config=config, splits=splits, scheduler=scheduler, workers=workers
+        ),
+    )

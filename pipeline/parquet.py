@@ -1,0 +1,155 @@
+"""Feature tables in parquet: schema, writing one part per chunk, reading back as ``X, y``.
+
+A feature dataset is a folder of part files ``<split>-<chunk:05d>.parquet`` that all share
+one schema::
+
+    image_id   int64     row of the image in its split of the zarr store
+    split      string    "train" or "test" (dictionary-encoded)
+    label      int16     true class
+    <name>_<sub>  float32                 one column per scalar feature (e.g. moments_ink)
+    <name>     fixed_size_list<float32>[k]  one column per vector family (e.g. hog_c7)
+
+The schema metadata key ``mnist_pipeline`` holds JSON with the feature configuration, its
+hash, the column layout and the source store. It reads with ``pandas.read_parquet(folder)``,
+``polars.read_parquet(folder + "/*.parquet")`` and duckdb's ``read_parquet('folder/*.parquet')``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.catalogue import Column
+from pipeline.errors import ConfigMismatchError, StoreError
+
+META_KEY = b"mnist_pipeline"
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 1  # fast; float features barely compress at higher levels
+
+
+def feature_schema(columns: list[Column], meta: dict[str, Any]) -> pa.Schema:
+    """The arrow schema of a feature table with ``meta`` as JSON schema metadata."""
+    fields = [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("split", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+        pa.field("label", pa.int16(), nullable=False),
+    ]
+    for col in columns:
+        if col.layout == "list":
+            fields.append(pa.field(col.name, pa.list_(pa.float32(), col.stop - col.start)))
+        else:
+            fields.append(pa.field(col.name, pa.float32()))
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def feature_table(
+    X: np.ndarray,
+    *,
+    image_id: np.ndarray,
+    split: str,
+    labels: np.ndarray,
+    columns: list[Column],
+    schema: pa.Schema,
+) -> pa.Table:
+    """Arrow table of one block of features ``X`` (n, K) float32."""
+    n = X.shape[0]
+    arrays: list[pa.Array] = [
+        pa.array(np.asarray(image_id, np.int64)),
+        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([split])),
+        pa.array(np.asarray(labels, np.int16)),
+    ]
+    for col in columns:
+        block = np.ascontiguousarray(X[:, col.start : col.stop], dtype=np.float32)
+        if col.layout == "list":
+            arrays.append(
+                pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1])
+            )
+        else:
+            arrays.append(pa.array(block[:, 0]))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_table(path: Path, table: pa.Table) -> Path:
+    """Write one parquet file (a single row group)."""
+    pq.write_table(
+        table,
+        path,
+        compression=COMPRESSION,
+        compression_level=COMPRESSION_LEVEL,
+        row_group_size=max(1, table.num_rows),
+        write_statistics=["image_id", "split", "label"],
+    )
+    return path
+
+
+def part_files(folder: Path, split: str | None = None) -> list[Path]:
+    """The part files of a feature dataset (of one split), in chunk order."""
+    pattern = f"{split}-*.parquet" if split else "*.parquet"
+    return sorted(Path(folder).glob(pattern))
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The ``mnist_pipeline`` schema metadata of a feature dataset."""
+    files = part_files(folder)
+    if not files:
+        raise StoreError(f"expected parquet part files in {folder}, got none (run features first)")
+    meta = pq.read_schema(files[0]).metadata or {}
+    if META_KEY not in meta:
+        raise StoreError(f"{files[0]}: expected '{META_KEY.decode()}' schema metadata, got none")
+    return dict(json.loads(meta[META_KEY]))
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of one split: ``X`` (n, K) float32, ``y`` (n,) int64, ``image_id`` (n,)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    image_id: np.ndarray
+    meta: dict[str, Any]
+
+
+def read_features(folder: Path, *, split: str, expected_hash: str | None = None) -> FeatureSet:
+    """Read one split of a feature dataset into memory as a dense matrix.
+
+    Raises :class:`ConfigMismatchError` when ``expected_hash`` is given and the features
+    were made with another configuration.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if expected_hash is not None and meta.get("config_hash") != expected_hash:
+        raise ConfigMismatchError(
+            f"{folder}: expected features of configuration {expected_hash[:12]}, "
+            f"got {str(meta.get('config_hash'))[:12]} (re-run features with the model's "
+            "feature configuration)"
+        )
+    files = part_files(folder, split)
+    if not files:
+        raise StoreError(f"{folder}: expected {split}-*.parquet part files, got none")
+    layout = [Column(**c) for c in meta["columns"]]
+    K = layout[-1].stop if layout else 0
+    tables = [pq.read_table(f) for f in files]
+    n = sum(t.num_rows for t in tables)
+    X = np.empty((n, K), np.float32)
+    y = np.empty(n, np.int64)
+    ids = np.empty(n, np.int64)
+    row = 0
+    for t in tables:
+        m = t.num_rows
+        y[row : row + m] = t.column("label").to_numpy()
+        ids[row : row + m] = t.column("image_id").to_numpy()
+        for col in layout:
+            arr = t.column(col.name).combine_chunks()
+            if col.layout == "list":
+                values = arr.flatten().to_numpy(zero_copy_only=False)
+                X[row : row + m, col.start : col.stop] = values.reshape(m, col.stop - col.start)
+            else:
+                X[row : row + m, col.start] = arr.to_numpy(zero_copy_only=False)
+        row += m
+    return FeatureSet(X=X, y=y, image_id=ids, meta=meta)
