@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,24 @@ def default_sources(raw_dir: Path) -> dict[str, SplitFiles]:
         "train": SplitFiles(pick(names[0]), pick(names[1])),
         "test": SplitFiles(pick(names[2]), pick(names[3])),
     }
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back during one zarr write; they are handled right after it.
+
+    zarr performs a write on its own event-loop thread while the main thread waits. A
+    signal handled during that wait would raise in the main thread and the stage would
+    remove the temporary store while the write goes on, leaving stray chunks behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -99,34 +121,37 @@ def build_store(
                 "content_sha256": digest,
                 "content_bytes": size,
             }
-    root = create_store(
-        out,
-        attributes={
-            "dataset": dataset,
-            "num_classes": num_classes,
-            "image_shape": list(image_shape),
-            "sources": files_meta,
-            "splits": {s: headers[s][0] for s in sources},
-        },
-    )
+    with _signals_deferred():
+        root = create_store(
+            out,
+            attributes={
+                "dataset": dataset,
+                "num_classes": num_classes,
+                "image_shape": list(image_shape),
+                "sources": files_meta,
+                "splits": {s: headers[s][0] for s in sources},
+            },
+        )
     summary: dict[str, Any] = {"image_shape": list(image_shape), "splits": {}}
     for split, files in sources.items():
         count, _, dtype = headers[split]
         labels = _check_labels(files.labels, read_idx(files.labels), num_classes)
-        images_arr, labels_arr = create_split(
-            root,
-            split,
-            count=count,
-            image_shape=image_shape,
-            image_dtype=dtype,
-            label_dtype=labels.dtype,
-            chunk_size=chunk_size,
-        )
-        labels_arr[:] = labels
+        with _signals_deferred():
+            images_arr, labels_arr = create_split(
+                root,
+                split,
+                count=count,
+                image_shape=image_shape,
+                image_dtype=dtype,
+                label_dtype=labels.dtype,
+                chunk_size=chunk_size,
+            )
+            labels_arr[:] = labels
         start = 0
         with progress(log, f"ingest {split} images", total=count, unit="images") as advance:
             for chunk in iter_idx(files.images, rows_per_chunk=images_arr.chunks[0]):
-                images_arr[start : start + len(chunk)] = chunk
+                with _signals_deferred():
+                    images_arr[start : start + len(chunk)] = chunk
                 start += len(chunk)
                 advance(len(chunk))
         counts = np.bincount(labels.astype(np.int64), minlength=num_classes)

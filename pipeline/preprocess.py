@@ -153,7 +153,7 @@ def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
     centres (row/column indices). An empty image gets its geometric centre and zero spread.
     """
     images = to_unit_float(_check_batch(images))
-    n, H, W = images.shape
+    _, H, W = images.shape
     rows = images.sum(axis=2, dtype=np.float64)  # (n, H)
     cols = images.sum(axis=1, dtype=np.float64)  # (n, W)
     mass = rows.sum(axis=1)

@@ -86,7 +86,7 @@ def moment_features(images: np.ndarray) -> np.ndarray:
     as a fraction of the side; aspect: bbox height / width.
     """
     x = to_unit_float(images)
-    n, H, W = x.shape
+    _, H, W = x.shape
     m = image_moments(x)
     mass = m["mass"]
     safe = np.where(mass > 0, mass, 1.0)
@@ -122,7 +122,7 @@ def moment_features(images: np.ndarray) -> np.ndarray:
             height / H,
             width / W,
             aspect,
-        ],  # fmt: skip
+        ],
         axis=1,
     )
     return out.astype(np.float32)
