@@ -57,6 +57,7 @@ def build_features(
         "image_shape": list(image_shape),
         "num_classes": root.attrs.get("num_classes"),
         "dataset": root.attrs.get("dataset"),
+        "store": str(store),
         "store_sources": root.attrs.get("sources"),
         "pipeline_version": __version__,
     }

@@ -1,0 +1,101 @@
+"""``mnist-pipeline train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job
+from pipeline.train import parse_grid
+from pipeline.train import train as train_stage
+
+
+@app.command()
+def train(
+    features: Annotated[
+        Path, typer.Option("--features", help="Feature parquet folder written by features.")
+    ] = Path("data/features"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Model folder to write (default data/models/<run-name>)."),
+    ] = None,
+    run_name: Annotated[
+        str, typer.Option("--run-name", help="Name of the run; the default --out folder.")
+    ] = "default",
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store", help="zarr store for the pictures of mistakes (default: the features')."
+        ),
+    ] = None,
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            "--grid",
+            help="Hyper-parameter grid, e.g. 'C=0.01,0.03,0.1;class_weight=none,balanced'. "
+            "Default: C=0.003,0.01,0.03,0.1.",
+        ),
+    ] = None,
+    validation_size: Annotated[
+        int,
+        typer.Option(
+            "--validation-size", help="Hold out the last N training images for selection.", min=1
+        ),
+    ] = 10_000,
+    cv: Annotated[
+        int | None,
+        typer.Option("--cv", help="Use stratified K-fold CV instead of the hold-out.", min=2),
+    ] = None,
+    positive_class: Annotated[
+        int | None,
+        typer.Option(
+            "--positive-class", help="Binary mode: 'is it this digit?' (reports a threshold)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for CV shuffling.")] = 0,
+    max_iter: Annotated[
+        int, typer.Option("--max-iter", help="lbfgs iteration limit per fit.", min=1)
+    ] = 500,
+    tol: Annotated[float, typer.Option("--tol", help="lbfgs stopping tolerance.")] = 1e-4,
+    force: Force = False,
+    lock_timeout: LockTimeout = 60.0,
+    log_format: LogFormatOpt = "human",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Grid-search logistic regression on the features, refit, and write the model + report.
+
+    Example: mnist-pipeline train --features data/features --run-name default
+    """
+    target = out or Path("data/models") / run_name
+    with job(log_format, log_level):
+        result = train_stage(
+            features=features,
+            out=target,
+            store=store,
+            grid=parse_grid(grid),
+            validation_size=validation_size,
+            cv=cv,
+            positive_class=positive_class,
+            seed=seed,
+            max_iter=max_iter,
+            tol=tol,
+            force=force,
+            lock_timeout=lock_timeout,
+        )
+    r = result.result
+    table = Table(title=f"train: {target} ({'up to date' if result.skipped else 'written'})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("test accuracy", f"{r.get('accuracy', float('nan')):.4%}")
+    table.add_row("best parameters", str(r.get("best_params")))
+    if positive_class is not None:
+        table.add_row("decision threshold", f"{r.get('threshold', 0.5):.4f}")
+    table.add_row("features", str(r.get("n_features")))
+    for stage, seconds in (r.get("timings") or {}).items():
+        table.add_row(f"time: {stage}", f"{seconds:.2f} s")
+    table.add_row("report", str(target / "report.html"))
+    Console(width=100).print(table)
