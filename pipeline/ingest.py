@@ -46,20 +46,39 @@ def default_sources(raw_dir: Path) -> dict[str, SplitFiles]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back during one zarr write; they are handled right after it.
+    """Hold SIGINT/SIGTERM back during one zarr write; they take effect right after it.
 
     zarr performs a write on its own event-loop thread while the main thread waits. A
     signal handled during that wait would raise in the main thread and the stage would
     remove the temporary store while the write goes on, leaving stray chunks behind.
+    The Python-level handlers are swapped (blocking the signal in the main thread is not
+    enough: another thread may receive it and the handler still runs in the main thread).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed outside Python, leave it alone
+            previous[signum] = handler
+            signal.signal(signum, record)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
 
 
 def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -16,9 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
     confusion_matrix,
@@ -50,7 +50,7 @@ def classification_metrics(
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "error_rate": float(1 - accuracy_score(y_true, y_pred)),
         "log_loss": float(log_loss(y_true, np.clip(proba, 1e-15, 1), labels=idx)),
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "per_class": {
             str(labels[i]): {
                 "precision": float(p[i]),

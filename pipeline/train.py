@@ -41,7 +41,7 @@ from pipeline.report import (
     pr_figure,
     write_report,
 )
-from pipeline.stage import StageResult, run_stage, library_versions
+from pipeline.stage import StageResult, library_versions, run_stage
 from pipeline.store import open_store, split_arrays
 
 log = get_logger("train")
@@ -308,7 +308,7 @@ def build_model(
             "image_shape": meta.get("image_shape"),
             "best_params": best_params,
             "selection": f"{cv}-fold CV" if cv else f"hold-out of last {validation_size}",
-            "n_train": int(len(y_train)),
+            "n_train": len(y_train),
             "refit_iterations": int(final.n_iter_.max()),
             "seed": seed,
             "versions": library_versions(),
@@ -368,7 +368,7 @@ def build_model(
         "selection": model.meta["selection"],
         "selection_metric": "average precision" if binary else "accuracy",
         "n_features": model.n_features,
-        "n_train": int(len(y_train)),
+        "n_train": len(y_train),
         "feature_config_hash": config_hash,
         "mistakes": [
             {
