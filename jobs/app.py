@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 
 from pipeline.errors import PipelineError
@@ -124,27 +123,22 @@ def report(message: str) -> None:
 def config_show(ctx: typer.Context) -> None:
     """Print every job's effective settings and where each comes from."""
     root_ctx = ctx.find_root()
-    group = root_ctx.command
-    assert isinstance(group, click.Group)
+    # Duck-typed: recent Typer versions vendor click, so commands and options are not
+    # instances of the installed click's Group/Option classes.
+    group: Any = root_ctx.command
     typer.echo(f"# config file: {root_ctx.obj.get('config') if root_ctx.obj else None}")
-    for name in sorted(group.commands):
-        cmd = group.commands[name]
-        if isinstance(cmd, click.Group):
+    for name in sorted(group.list_commands(root_ctx)):
+        cmd = group.get_command(root_ctx, name)
+        if cmd is None or hasattr(cmd, "list_commands"):  # sub-groups such as `config`
             continue
         sub = cmd.make_context(name, [], parent=root_ctx, resilient_parsing=True)
         typer.echo(f"[{name}]")
         for param in cmd.params:
-            if not isinstance(param, click.Option) or param.name in (None, "help"):
+            if param.param_type_name != "option" or param.name in (None, "help"):
                 continue
             source = sub.get_parameter_source(param.name)
-            origin = (
-                {
-                    click.core.ParameterSource.COMMANDLINE: "cli",
-                    click.core.ParameterSource.ENVIRONMENT: "env",
-                    click.core.ParameterSource.DEFAULT_MAP: "config",
-                }.get(source, "default")
-                if source
-                else "default"
+            origin = {"COMMANDLINE": "cli", "ENVIRONMENT": "env", "DEFAULT_MAP": "config"}.get(
+                getattr(source, "name", ""), "default"
             )
             value = sub.params.get(param.name)
             typer.echo(f"{param.name} = {value!r}  # {origin}")

@@ -79,10 +79,22 @@ def parse_grid(spec: str | None) -> dict[str, list[Any]]:
     return grid
 
 
-def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = X.mean(axis=0, dtype=np.float64)
-    var = X.var(axis=0, dtype=np.float64)
-    scale = np.sqrt(var)
+def _standardize(X: np.ndarray, *, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and standard deviation (float64), two passes over row blocks.
+
+    Blocked so the float64 temporaries stay a few MB instead of a copy of ``X``.
+    """
+    n = len(X)
+    total = np.zeros(X.shape[1])
+    for a in range(0, n, block):
+        total += X[a : a + block].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    mean32 = mean.astype(np.float32)
+    sq = np.zeros(X.shape[1])
+    for a in range(0, n, block):
+        d = (X[a : a + block] - mean32).astype(np.float64)
+        sq += np.einsum("ij,ij->j", d, d)
+    scale = np.sqrt(sq / n)
     scale[scale < 1e-12] = 1.0  # constant features: leave them at zero after centring
     return mean, scale
 
