@@ -144,6 +144,10 @@ def _fetch_one(spec: FileSpec, dest_dir: Path, sources: Sequence[str], *, timeou
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             continue
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): keep no partial download
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
         tmp.replace(final)
         return origin
     if all(isinstance(e, ChecksumError) for e in failures):

@@ -62,7 +62,7 @@ def _signals_deferred() -> Iterator[None]:
     def record(signum: int, frame: Any) -> None:
         received.append(signum)
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if handler is not None:  # None: installed outside Python, leave it alone
@@ -71,13 +71,13 @@ def _signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for num, old in previous.items():
+            signal.signal(num, old)
         if received:
-            handler = previous[received[0]]
-            if callable(handler):
-                handler(received[0], None)
-            elif handler == signal.SIG_DFL:
+            first = previous[received[0]]
+            if callable(first):
+                first(received[0], None)
+            elif first == signal.SIG_DFL:
                 signal.raise_signal(received[0])
 
 

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny synthetic idx datasets, the real MNIST folder, clean logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.idx import write_idx
+from pipeline.logs import LOGGER_NAME
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST_DIR = REPO_ROOT.parent / "shared/data/mnist"
+MNIST_NAMES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """A small MNIST-like dataset written as idx files into ``raw_dir``."""
+
+    raw_dir: Path
+    compressed: bool
+    arrays: dict[tuple[str, str], np.ndarray]  # (split, kind) -> array
+    paths: dict[tuple[str, str], Path]  # (split, kind) -> idx file
+
+    def images(self, split: str) -> np.ndarray:
+        return self.arrays[(split, "images")]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.arrays[(split, "labels")]
+
+
+def write_synthetic_dataset(
+    raw_dir: Path,
+    *,
+    n_train: int = 50,
+    n_test: int = 20,
+    image_shape: tuple[int, ...] = (28, 28),
+    compress: bool = True,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> SyntheticDataset:
+    """Write random uint8 images and labels in ``[0, num_classes)`` under the MNIST names."""
+    rng = np.random.default_rng(seed)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    arrays: dict[tuple[str, str], np.ndarray] = {}
+    paths: dict[tuple[str, str], Path] = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        arrays[(split, "images")] = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+        arrays[(split, "labels")] = rng.integers(0, num_classes, size=n, dtype=np.uint8)
+        for kind in ("images", "labels"):
+            name = MNIST_NAMES[(split, kind)] + (".gz" if compress else "")
+            path = raw_dir / name
+            write_idx(path, arrays[(split, kind)], compress=compress)
+            paths[(split, kind)] = path
+    return SyntheticDataset(raw_dir=raw_dir, compressed=compress, arrays=arrays, paths=paths)
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., SyntheticDataset]:
+    """Factory: ``make_dataset(name="raw", **kwargs)`` writes a dataset under tmp_path/name."""
+
+    def make(name: str = "raw", **kwargs: object) -> SyntheticDataset:
+        return write_synthetic_dataset(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def dataset(make_dataset: Callable[..., SyntheticDataset]) -> SyntheticDataset:
+    """50 train / 20 test gzip-compressed 28x28 uint8 images with labels 0-9."""
+    return make_dataset("raw")
+
+
+@pytest.fixture
+def dataset_12x17(make_dataset: Callable[..., SyntheticDataset]) -> SyntheticDataset:
+    """Like :func:`dataset` but with 12x17 images stored as raw (uncompressed) idx."""
+    return make_dataset("raw_12x17", image_shape=(12, 17), compress=False, seed=1)
+
+
+@pytest.fixture
+def real_mnist_dir() -> Path:
+    """The folder with the real MNIST .gz files (../shared/data/mnist from the repo root)."""
+    names = [f"{name}.gz" for name in MNIST_NAMES.values()]
+    missing = [n for n in names if not (REAL_MNIST_DIR / n).is_file()]
+    if missing:
+        pytest.skip(f"real MNIST files not found in {REAL_MNIST_DIR} (missing: {missing})")
+    return REAL_MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _restore_pipeline_logger() -> Iterator[None]:
+    """Jobs reconfigure the pipeline's logger (e.g. onto CliRunner's stderr); undo that."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    if hasattr(logger, "log_format"):
+        del logger.log_format
