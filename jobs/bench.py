@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from jobs.app import LogFormatOpt, LogLevel, app, job, report
-from pipeline.bench import markdown_table, run_benchmark
 
 
 @app.command()
@@ -42,6 +41,11 @@ def bench(
 
     Example: mnist-pipeline bench --source ../shared/data/mnist
     """
+    from pipeline.bench import (
+        markdown_table,
+        run_benchmark,
+    )  # lazy: keeps `--help` and other jobs fast to start
+
     with job(log_format, log_level):
         records = run_benchmark(
             source=source, workdir=workdir, results=results, quick=quick, scale=scale, reps=reps

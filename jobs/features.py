@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job, report
-from pipeline.catalogue import load_config
-from pipeline.features import features as features_stage
 
 
 @app.command()
@@ -51,6 +49,9 @@ def features(
 
     Example: mnist-pipeline features --store data/mnist.zarr --out data/features
     """
+    from pipeline.catalogue import load_config  # lazy: keeps `--help` and other jobs fast to start
+    from pipeline.features import features as features_stage
+
     with job(log_format, log_level):
         config = load_config(feature_config)
         result = features_stage(

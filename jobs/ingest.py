@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job, report
-from pipeline.ingest import SplitFiles, default_sources
-from pipeline.ingest import ingest as ingest_stage
 
 IdxPath = Annotated[Path | None, typer.Option(help="idx file (raw or gzip); overrides --raw-dir.")]
 
@@ -42,6 +40,12 @@ def ingest(
 
     Example: mnist-pipeline ingest --raw-dir data/raw/mnist --out data/mnist.zarr
     """
+    from pipeline.ingest import (
+        SplitFiles,
+        default_sources,
+    )  # lazy: keeps `--help` and other jobs fast to start
+    from pipeline.ingest import ingest as ingest_stage
+
     defaults = default_sources(raw_dir)
     sources = {
         "train": SplitFiles(

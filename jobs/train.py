@@ -10,8 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job
-from pipeline.train import parse_grid
-from pipeline.train import train as train_stage
 
 
 @app.command()
@@ -70,6 +68,9 @@ def train(
 
     Example: mnist-pipeline train --features data/features --run-name default
     """
+    from pipeline.train import parse_grid  # lazy: keeps `--help` and other jobs fast to start
+    from pipeline.train import train as train_stage
+
     target = out or Path("data/models") / run_name
     with job(log_format, log_level):
         result = train_stage(

@@ -108,3 +108,74 @@ def _restore_pipeline_logger() -> Iterator[None]:
     logger.propagate = saved[2]
     if hasattr(logger, "log_format"):
         del logger.log_format
+
+
+def separable_images(labels: np.ndarray, *, seed: int = 0, shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+    """uint8 images whose class is a vertical bar position (plus noise): learnable data."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    images = rng.integers(0, 40, size=(n, *shape), dtype=np.uint8)
+    cols = 3 + 2 * labels.astype(np.intp)
+    rows = np.arange(4, shape[0] - 4)
+    images[np.arange(n)[:, None], rows[None, :], cols[:, None]] = 255
+    return images
+
+
+@dataclass(frozen=True)
+class FeatureFixture:
+    store: Path
+    features: Path
+    config: object
+
+
+@pytest.fixture
+def learnable_features(tmp_path: Path) -> FeatureFixture:
+    """A zarr store and feature parquet of 400 train / 100 test separable images."""
+    from pipeline.catalogue import load_config
+    from pipeline.features import features
+    from pipeline.ingest import SplitFiles, ingest
+
+    rng = np.random.default_rng(1)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    sources = {}
+    for split, n in (("train", 400), ("test", 100)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        labels[:10] = np.arange(10)  # every class present
+        img, lab = raw / f"{split}-images", raw / f"{split}-labels"
+        write_idx(img, separable_images(labels, seed=n))
+        write_idx(lab, labels)
+        sources[split] = SplitFiles(img, lab)
+    store = tmp_path / "mnist.zarr"
+    ingest(out=store, sources=sources, chunk_size=128)
+    config = load_config({"views": {}, "features": [{"family": "pixels", "factor": 2}]})
+    out = tmp_path / "features"
+    features(store=store, out=out, config=config, workers=1)
+    return FeatureFixture(store=store, features=out, config=config)
+
+
+@pytest.fixture(scope="session")
+def real_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The whole pipeline with defaults on the real MNIST: fetch, ingest, features, train.
+
+    Session-scoped: the real-data tests of train and score share one run (a few minutes).
+    """
+    names = [f"{name}.gz" for name in MNIST_NAMES.values()]
+    if not all((REAL_MNIST_DIR / n).is_file() for n in names):
+        pytest.skip(f"real MNIST files not found in {REAL_MNIST_DIR}")
+    from pipeline.catalogue import load_config
+    from pipeline.features import features
+    from pipeline.fetch import fetch
+    from pipeline.ingest import default_sources, ingest
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("real")
+    raw = root / "raw"
+    fetch(dest_dir=raw, source=str(REAL_MNIST_DIR))
+    store = root / "mnist.zarr"
+    ingest(out=store, sources=default_sources(raw))
+    feats = root / "features"
+    features(store=store, out=feats, config=load_config())
+    model = root / "models" / "default"
+    train(features=feats, out=model, store=store)
+    return {"root": root, "raw": raw, "store": store, "features": feats, "model": model}

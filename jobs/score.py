@@ -1,0 +1,131 @@
+"""``mnist-pipeline score``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job, report
+from pipeline.images import DEFAULT_GLOBS
+from pipeline.score import DEFAULT_BATCH_SIZE, check_failures
+from pipeline.score import score as score_stage
+from pipeline.stage import temp_path
+
+
+@app.command()
+def score(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            help="Folder of images (walked recursively), zarr store written by ingest, "
+            "or idx images file (raw or .gz).",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[Path, typer.Option("--model", help="Model folder written by train.")] = Path(
+        "data/models/default"
+    ),
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Parquet dataset folder to write (one part per batch)."),
+    ] = Path("data/predictions.parquet"),
+    glob: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--glob",
+            metavar="PATTERN",
+            help="Folder input: file name pattern to score, repeatable, case-insensitive; "
+            "a pattern with '/' matches the path relative to INPUT. "
+            f"Default: {' '.join(DEFAULT_GLOBS)}.",
+        ),
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="zarr store input: the split to score.")
+    ] = "test",
+    normalize: Annotated[
+        Literal["auto", "always", "never"],
+        typer.Option(
+            "--normalize",
+            help="Folder input: bring images to MNIST format (gray, light ink on black, "
+            "longer side 20 px, centred by mass in 28x28). 'auto' keeps images that "
+            "already are 28x28 with a dark background as they are; 'always' normalizes "
+            "every image; 'never' uses 28x28 images as they are and rejects other sizes.",
+        ),
+    ] = "auto",
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", help="Images per task and per output part.", min=1),
+    ] = DEFAULT_BATCH_SIZE,
+    max_failures: Annotated[
+        int | None,
+        typer.Option(
+            "--max-failures",
+            help="Exit 1 when more inputs than this cannot be scored (default: no limit). "
+            "The output is written either way.",
+            min=0,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the partial output of a run that was killed, skipping finished "
+            "batches; without it a partial output is discarded.",
+        ),
+    ] = False,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Threads of the local scheduler (default: all CPUs).", min=1
+        ),
+    ] = None,
+    force: Force = False,
+    lock_timeout: LockTimeout = 60.0,
+    log_format: LogFormatOpt = "human",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Predict the digits of image files, a zarr store or an idx file -> parquet.
+
+    Bad files never stop the run: each gets a row whose status column says what is wrong.
+
+    Example: mnist-pipeline score --model data/models/default digits/ --out predictions.parquet
+    """
+    with job(log_format, log_level):
+        try:
+            result = score_stage(
+                model=model,
+                source=source,
+                out=out,
+                globs=tuple(glob) if glob else DEFAULT_GLOBS,
+                split=split,
+                normalize=normalize,
+                batch_size=batch_size,
+                resume=resume,
+                scheduler=scheduler,
+                workers=workers,
+                force=force,
+                lock_timeout=lock_timeout,
+            )
+        except KeyboardInterrupt:
+            typer.echo(
+                f"error: interrupted; finished batches are kept in {temp_path(out)}; "
+                "run again with --resume to continue",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        r = result.result
+        report(
+            f"score: {r.get('ok', 0)} ok, {r.get('failed', 0)} failed -> {out}"
+            + (" (up to date)" if result.skipped else "")
+        )
+        check_failures(result, max_failures=max_failures)
