@@ -35,7 +35,7 @@ def train(
         typer.Option(
             "--grid",
             help="Hyper-parameter grid, e.g. 'C=0.01,0.03,0.1;class_weight=none,balanced'. "
-            "Default: C=0.003,0.01,0.03,0.1.",
+            "Default: C=0.003,0.01,0.03.",
         ),
     ] = None,
     validation_size: Annotated[

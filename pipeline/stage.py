@@ -182,6 +182,20 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _remove_settled(path: Path, *, attempts: int = 20, pause: float = 0.25) -> None:
+    """Remove a temporary output that worker threads may still be writing into.
+
+    After an interrupt, tasks already running on a thread pool (dask, zarr's I/O loop)
+    finish their current write; a single ``rmtree`` can race with them and leave a
+    half-removed folder behind. Retry until the path stays gone.
+    """
+    for _ in range(attempts):
+        _remove(path)
+        if not (path.exists() or path.is_symlink()):
+            return
+        time.sleep(pause)
+
+
 def _swap_into_place(tmp: Path, output: Path) -> None:
     """Rename ``tmp`` to ``output``, replacing an existing output (file or folder)."""
     if output.exists() or output.is_symlink():
@@ -284,7 +298,7 @@ def run_stage(
             result = build(target)
         except BaseException:
             if atomic and not resume:
-                _remove(target)
+                _remove_settled(target)
             raise
         # Drop the old manifest first: a crash between here and the new manifest leaves an
         # output without one, which the next run rebuilds rather than trusts.

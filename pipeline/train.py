@@ -47,7 +47,7 @@ from pipeline.store import open_store, split_arrays
 log = get_logger("train")
 
 #: Default hyper-parameter grid (C is the inverse regularization strength).
-DEFAULT_GRID: dict[str, list[Any]] = {"C": [0.003, 0.01, 0.03, 0.1], "class_weight": [None]}
+DEFAULT_GRID: dict[str, list[Any]] = {"C": [0.003, 0.01, 0.03], "class_weight": [None]}
 GRID_KEYS = ("C", "class_weight")
 
 
