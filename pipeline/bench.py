@@ -387,7 +387,7 @@ def markdown_table(records: Sequence[Record]) -> str:
             return f"{r.value:.4g}{spread}"
 
         ratio = f"{ours.value / peer.value:.2f}x" if ours and peer and peer.value else "-"
-        note = (ours or peer).note if (ours or peer) else ""
-        n = (ours or peer).n if (ours or peer) else 0
+        first = ours or peer
+        note, n = (first.note, first.n) if first else ("", 0)
         rows.append(f"| {stage} | {metric} | {fmt(ours)} | {fmt(peer)} | {ratio} | {n} | {note} |")
     return "\n".join(rows)

@@ -136,9 +136,13 @@ def _fill(kind: str, what: str, fn: Callable[..., Any], given: Mapping[str, Any]
         )
     out = dict(defaults)
     for key, value in given.items():
-        if type(value) is not type(defaults[key]) and not (
-            isinstance(value, int) and isinstance(defaults[key], float)
-        ):
+        # bool is an int subclass: `threshold = true` must not become 1.0.
+        int_for_float = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and isinstance(defaults[key], float)
+        )
+        if type(value) is not type(defaults[key]) and not int_for_float:
             raise FeatureConfigError(
                 f"{kind} {what!r}: expected {key} of type {type(defaults[key]).__name__}, "
                 f"got {value!r}"
@@ -198,7 +202,9 @@ def load_config(source: Mapping[str, Any] | Path | None = None) -> FeatureConfig
         try:
             text = source.read_bytes()
         except OSError as e:
-            raise FeatureConfigError(f"cannot read feature config {source}: {e.strerror}") from None
+            raise FeatureConfigError(
+                f"expected a readable feature config at {source}, got {e.strerror or e}"
+            ) from None
         try:
             raw = json.loads(text) if source.suffix == ".json" else tomllib.loads(text.decode())
         except (ValueError, UnicodeDecodeError) as e:
@@ -207,18 +213,38 @@ def load_config(source: Mapping[str, Any] | Path | None = None) -> FeatureConfig
             ) from None
     else:
         raw = source
+    if not isinstance(raw, Mapping):
+        raise FeatureConfigError(f"expected a table with 'views' and 'features', got {raw!r}")
     extra = sorted(set(raw) - {"views", "features"})
     if extra:
         raise FeatureConfigError(f"expected keys 'views' and 'features', got also {extra}")
+    raw_views = raw.get("views") or {}
+    raw_features = raw.get("features") or []
+    if not isinstance(raw_views, Mapping):
+        raise FeatureConfigError(
+            f"expected 'views' to be a table of step lists, got {type(raw_views).__name__}"
+        )
+    if not isinstance(raw_features, list) or not all(isinstance(f, Mapping) for f in raw_features):
+        raise FeatureConfigError(
+            "expected 'features' to be a list of tables (TOML [[features]]), got "
+            f"{type(raw_features).__name__}"
+        )
     views = []
-    for name, steps in dict(raw.get("views") or {}).items():
+    for name, steps in raw_views.items():
         if name == BASE_VIEW:
-            raise FeatureConfigError(f"view name {BASE_VIEW!r} is reserved for the raw images")
+            raise FeatureConfigError(
+                f"expected a view name other than {BASE_VIEW!r} (reserved for the raw "
+                f"images), got {name!r}"
+            )
+        if not isinstance(steps, list) or not all(isinstance(x, Mapping) for x in steps):
+            raise FeatureConfigError(
+                f'view {name!r}: expected a list of steps like [{{op = "deskew"}}], got {steps!r}'
+            )
         norm_steps = []
         for step in steps:
             step = dict(step)
             op = step.pop("op", None)
-            if op not in STEPS:
+            if not isinstance(op, str) or op not in STEPS:
                 raise FeatureConfigError(
                     f"view {name!r}: expected op in {sorted(STEPS)}, got {op!r}"
                 )
@@ -226,12 +252,12 @@ def load_config(source: Mapping[str, Any] | Path | None = None) -> FeatureConfig
         views.append((name, tuple(norm_steps)))
     view_names = {BASE_VIEW, *(n for n, _ in views)}
     features = []
-    for item in raw.get("features") or []:
+    for item in raw_features:
         item = dict(item)
         family, view = item.pop("family", None), item.pop("view", BASE_VIEW)
-        if family not in FAMILIES:
+        if not isinstance(family, str) or family not in FAMILIES:
             raise FeatureConfigError(f"expected family in {sorted(FAMILIES)}, got {family!r}")
-        if view not in view_names:
+        if not isinstance(view, str) or view not in view_names:
             raise FeatureConfigError(
                 f"feature family {family!r}: expected view in {sorted(view_names)}, got {view!r}"
             )
@@ -258,7 +284,9 @@ class Column:
     feature: str
 
 
-def columns(config: FeatureConfig, widths: Mapping[str, int], image_shape: tuple[int, int]):
+def columns(
+    config: FeatureConfig, widths: Mapping[str, int], image_shape: tuple[int, int]
+) -> list[Column]:
     """The stored columns of ``config`` in feature-matrix order."""
     H, W = image_shape
     out: list[Column] = []

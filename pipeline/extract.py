@@ -58,6 +58,9 @@ def extract_features(
     if images.ndim != 3:
         raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
     n = images.shape[0]
+    if n == 0:
+        width = sum(feature_widths(config, (images.shape[1], images.shape[2])).values())
+        return np.empty((0, width), np.float32)
     if n <= sub_batch:
         return _extract(images, config)
     out = None
@@ -114,8 +117,8 @@ def features_dask(images: da.Array, config: FeatureConfig) -> da.Array:
     if len(images.chunks[1]) > 1 or len(images.chunks[2]) > 1:
         images = images.rechunk({1: -1, 2: -1})
     K = sum(feature_widths(config, tuple(images.shape[1:])).values())
-    return images.map_blocks(
-        extract_features,
+    return images.map_blocks(  # type: ignore[call-arg]  # dask's stub misreads the signature
+        extract_features,  # type: ignore[arg-type]
         config=config,
         dtype=np.float32,
         chunks=(images.chunks[0], (K,)),

@@ -44,7 +44,8 @@ def build_features(
 ) -> dict[str, Any]:
     """Write the feature dataset of ``splits`` of ``store`` into the folder ``out``."""
     root = open_store(store)
-    image_shape = tuple(int(s) for s in root.attrs["image_shape"])
+    shape_attr: Any = root.attrs["image_shape"]
+    image_shape = tuple(int(s) for s in shape_attr)
     if len(image_shape) != 2:
         raise AssertionError(f"store image_shape {image_shape}")
     widths = feature_widths(config, (image_shape[0], image_shape[1]))
@@ -66,16 +67,17 @@ def build_features(
     tasks, weights, rows = [], [], {}
     for split in splits:
         images_z, labels_z = split_arrays(root, split)
-        labels = labels_z[:]
+        labels = np.asarray(labels_z[:])
         images = da.from_zarr(images_z)
         X = features_dask(images, config)
         starts = np.cumsum((0, *X.chunks[0]))
         for i, block in enumerate(X.to_delayed().ravel()):
             a, b = int(starts[i]), int(starts[i + 1])
+            part_labels: np.ndarray = labels[a:b]
             path = out / f"{split}-{i:05d}.parquet"
             tasks.append(
                 dask.delayed(_write_part, pure=False)(
-                    block, labels[a:b], a, path, split=split, columns=layout, schema=schema
+                    block, part_labels, a, path, split=split, columns=layout, schema=schema
                 )
             )
             weights.append(b - a)

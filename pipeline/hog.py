@@ -24,16 +24,26 @@ NORMS = ("l2-hys", "l2", "none")
 SPATIAL = ("box", "triangle")
 
 
-def gradients(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gradients(
+    images: np.ndarray, *, dtype: type[np.floating] = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
     """Central-difference gradients ``(g_row, g_col)``, zero outside the image.
 
-    ``g_row[r, c] = I[r+1, c] - I[r-1, c]``, ``g_col[r, c] = I[r, c+1] - I[r, c-1]``.
+    ``g_row[r, c] = I[r+1, c] - I[r-1, c]``, ``g_col[r, c] = I[r, c+1] - I[r, c-1]``, on
+    intensities in [0, 1] computed in ``dtype``.
     """
-    x = to_unit_float(images)
+    x = to_unit_float(images) if dtype == np.float32 else _unit_float64(images)
     n, H, W = x.shape
-    p = np.zeros((n, H + 2, W + 2), np.float32)
+    p = np.zeros((n, H + 2, W + 2), dtype)
     p[:, 1:-1, 1:-1] = x
     return p[:, 2:, 1:-1] - p[:, :-2, 1:-1], p[:, 1:-1, 2:] - p[:, 1:-1, :-2]
+
+
+def _unit_float64(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype.kind in "ui":
+        return images.astype(np.float64) / np.iinfo(images.dtype).max
+    return images.astype(np.float64)
 
 
 def _slot_channels(
@@ -76,8 +86,14 @@ def _slot_channels(
         mag -= pos
         slot = lower.astype(np.intp)
     else:
-        slot = pos.astype(np.intp)
-        slot[slot >= bins] -= bins  # angle pi (unsigned) or 2 pi (signed) is bin 0
+        # Hard bins follow skimage exactly: degrees in float64, so an angle on a bin
+        # boundary (45 degrees is common in digits) falls in the upper bin as documented.
+        period = 360.0 if signed else 180.0
+        deg = np.rad2deg(np.arctan2(g_row, g_col, dtype=np.float64))
+        if signed:
+            deg += 180.0
+        slot = np.floor(np.mod(deg, period) * (bins / period)).astype(np.intp)
+        slot[slot >= bins] -= bins
         slot += 1
     Ho, Wo = ((H + 1) // 2, (W + 1) // 2) if fine else (H, W)
     plane = Ho * Wo
@@ -136,6 +152,8 @@ def pooling_matrix(size: int, cell: int, spatial: str) -> np.ndarray:
     linearly between the two nearest cell centres (bilinear spatial interpolation). Both
     are scaled by ``1 / cell``.
     """
+    if cell < 1:
+        raise ValueError(f"expected a cell size >= 1 pixel, got {cell}")
     cells = size // cell
     if cells < 1:
         raise ValueError(f"expected a cell size <= {size}, got {cell}")
@@ -163,7 +181,9 @@ def cell_histograms(
     """Orientation histograms of each cell, shape (n, cells_y, cells_x, bins) float32."""
     if bins < 2:
         raise ValueError(f"expected at least 2 orientation bins, got {bins}")
-    g_row, g_col = gradients(images)
+    # Hard bins are the skimage-compatible reference mode: float64 gradients, so that
+    # angles exactly on a bin boundary are classified as skimage does.
+    g_row, g_col = gradients(images, dtype=np.float32 if soft_bins else np.float64)
     n, H, W = g_row.shape
     my = pooling_matrix(H, cell, spatial)
     mx = pooling_matrix(W, cell, spatial)
@@ -261,6 +281,8 @@ def hog_features(
     )
     if power <= 0:
         raise ValueError(f"expected power > 0, got {power}")
+    if eps <= 0:
+        raise ValueError(f"expected eps > 0 (blank blocks would divide by zero), got {eps}")
     if power != 1.0:
         hist = np.power(hist, np.float32(power))
     return normalize_blocks(hist, block=block, norm=norm, eps=eps)

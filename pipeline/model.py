@@ -99,7 +99,8 @@ def save_model(model: LinearModel, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **{name: np.asarray(getattr(model, name)) for name in _ARRAYS})
+    arrays = {name: np.asarray(getattr(model, name)) for name in _ARRAYS}
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub confuses ** with allow_pickle
     data = buf.getvalue()
     (folder / "model.npz").write_bytes(data)
     doc = {

@@ -68,7 +68,7 @@ def compute_tasks(
         from distributed import Client, as_completed
 
         try:
-            client = Client(scheduler, timeout="20s", set_as_default=False)
+            client = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as e:
             raise InputError(
                 f"--scheduler: expected a reachable dask scheduler at {scheduler}, got {e}"

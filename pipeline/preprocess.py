@@ -6,8 +6,6 @@ independent of how a dataset is split into batches.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -147,36 +145,32 @@ def binarize(images: np.ndarray, *, method: str = "otsu", threshold: float = 0.5
     raise ValueError(f"expected binarize method 'otsu' or 'fixed', got {method!r}")
 
 
-@lru_cache(maxsize=16)
-def _moment_basis(H: int, W: int) -> np.ndarray:
-    yy, xx = np.meshgrid(
-        np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij"
-    )
-    return np.stack(
-        [np.ones(H * W), yy.ravel(), xx.ravel(), (yy**2).ravel(), (xx**2).ravel(),
-         (yy * xx).ravel()], axis=1,
-    ).astype(np.float32)  # fmt: skip
-
-
 def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
     """Mass, centroid and second central moments of each image.
 
-    One matrix product of the flattened images with a (H*W, 6) basis of raw moments.
+    Computed from per-image reductions only (row and column sums, and the row sums of
+    ``I * x``), never a matrix product over the batch: BLAS rounding depends on the batch
+    size, and features must not depend on how the data is chunked.
+
     Returns a dict of (n,) float64 arrays: ``mass``, ``cy``, ``cx``, ``mu20`` (row
     variance), ``mu02`` (column variance), ``mu11`` (covariance). Coordinates are pixel
     centres (row/column indices). An empty image gets its geometric centre and zero spread.
     """
     images = to_unit_float(_check_batch(images))
-    n, H, W = images.shape
-    raw = (images.reshape(n, H * W) @ _moment_basis(H, W)).astype(np.float64)
-    mass = raw[:, 0]
+    _, H, W = images.shape
+    yy = np.arange(H, dtype=np.float64)
+    xx = np.arange(W, dtype=np.float64)
+    rows = images.sum(axis=2, dtype=np.float64)  # (n, H)
+    cols = images.sum(axis=1, dtype=np.float64)  # (n, W)
+    row_x = (images * xx.astype(np.float32)).sum(axis=2, dtype=np.float64)  # sum_x I x, (n, H)
+    mass = rows.sum(axis=1)
     ok = mass > 1e-6
     safe = np.where(ok, mass, 1.0)
-    cy = np.where(ok, raw[:, 1] / safe, (H - 1) / 2)
-    cx = np.where(ok, raw[:, 2] / safe, (W - 1) / 2)
-    mu20 = np.where(ok, raw[:, 3] / safe - cy**2, 0.0)
-    mu02 = np.where(ok, raw[:, 4] / safe - cx**2, 0.0)
-    mu11 = np.where(ok, raw[:, 5] / safe - cy * cx, 0.0)
+    cy = np.where(ok, (rows * yy).sum(axis=1) / safe, (H - 1) / 2)
+    cx = np.where(ok, (cols * xx).sum(axis=1) / safe, (W - 1) / 2)
+    mu20 = np.where(ok, (rows * yy**2).sum(axis=1) / safe - cy**2, 0.0)
+    mu02 = np.where(ok, (cols * xx**2).sum(axis=1) / safe - cx**2, 0.0)
+    mu11 = np.where(ok, (row_x * yy).sum(axis=1) / safe - cy * cx, 0.0)
     return {"mass": mass, "cy": cy, "cx": cx, "mu20": mu20, "mu02": mu02, "mu11": mu11}
 
 

@@ -52,7 +52,7 @@ def classification_metrics(
         "log_loss": float(log_loss(y_true, np.clip(proba, 1e-15, 1), labels=idx)),
         "n": len(y_true),
         "per_class": {
-            str(labels[i]): {
+            str(labels[int(i)]): {
                 "precision": float(p[i]),
                 "recall": float(r[i]),
                 "f1": float(f[i]),

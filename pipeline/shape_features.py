@@ -79,7 +79,7 @@ def crossings(images: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
 def moment_features(images: np.ndarray) -> np.ndarray:
     """Global shape statistics, columns as in :data:`MOMENT_NAMES`.
 
-    ink: mean intensity; centroid_y/x: centre of mass as a fraction of height/width;
+    ink: mean intensity; centroid_y/x: centre of mass as a fraction of height/width (0.5: centred);
     spread_y/x: standard deviation of ink position / side; correlation: mu11 / (sy sx);
     skew_y/x: third standardized moments of the row/column ink distributions; slant:
     mu11 / mu20 (columns per row, the deskew shear); height/width: ink bounding box
@@ -111,8 +111,8 @@ def moment_features(images: np.ndarray) -> np.ndarray:
     out = np.stack(
         [
             mass / (H * W),
-            m["cy"] / H,
-            m["cx"] / W,
+            (m["cy"] + 0.5) / H,
+            (m["cx"] + 0.5) / W,
             sy / H,
             sx / W,
             corr,

@@ -8,8 +8,8 @@ Model selection never sees the test split:
 
 For each non-C combination of the grid, C is walked from small to large with warm starts
 (each fit starts from the previous solution, which cuts lbfgs iterations several-fold).
-The best combination is refit on all training images (warm-started from its validation
-solution) and evaluated once on the test split with the saved artifact itself.
+The best combination is refit on all training images from scratch and evaluated once on
+the test split with the saved artifact itself.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def grid_search(
             )
         for j, C in enumerate(Cs):
             scores = [fold[j][0] for fold in per_fold]
-            row = {
+            row: dict[str, Any] = {
                 "params": {"C": C, "class_weight": class_weight},
                 "score": float(np.mean(scores)),
                 "score_std": float(np.std(scores)),
@@ -291,15 +291,14 @@ def build_model(
             )
 
         t = time.perf_counter()
+        # A cold refit: starting from the hold-out solution stops lbfgs (at the same tol)
+        # after a few iterations at a measurably less accurate point (99.19% vs 99.24%).
         final = LogisticRegression(
             C=best_params["C"],
             class_weight=best_params["class_weight"],
             max_iter=max_iter,
             tol=tol,
-            warm_start=True,
         )
-        final.coef_ = best_val_model.coef_.copy()
-        final.intercept_ = best_val_model.intercept_.copy()
         final.fit(Z, y_train)
         timings["refit"] = time.perf_counter() - t
     del Z

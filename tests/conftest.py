@@ -110,7 +110,9 @@ def _restore_pipeline_logger() -> Iterator[None]:
         del logger.log_format
 
 
-def separable_images(labels: np.ndarray, *, seed: int = 0, shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+def separable_images(
+    labels: np.ndarray, *, seed: int = 0, shape: tuple[int, int] = (28, 28)
+) -> np.ndarray:
     """uint8 images whose class is a vertical bar position (plus noise): learnable data."""
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -179,3 +181,64 @@ def real_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = root / "models" / "default"
     train(features=feats, out=model, store=store)
     return {"root": root, "raw": raw, "store": store, "features": feats, "model": model}
+
+
+def synthetic_digits(n: int, *, seed: int = 0, shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+    """uint8 MNIST-like drawings: thick anti-aliased strokes and loops inside a blank margin."""
+    from skimage.draw import ellipse_perimeter, line_aa
+
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    out = np.zeros((n, H, W), np.float64)
+    for i in range(n):
+        img = out[i]
+        for _ in range(int(rng.integers(1, 4))):
+            if rng.random() < 0.3:
+                cy, cx = int(rng.integers(9, H - 9)), int(rng.integers(9, W - 9))
+                rr, cc = ellipse_perimeter(
+                    cy, cx, int(rng.integers(2, 5)), int(rng.integers(2, 5)), shape=shape
+                )
+                img[rr, cc] = 1.0
+            else:
+                r0, r1 = (int(v) for v in rng.integers(5, H - 5, 2))
+                c0, c1 = (int(v) for v in rng.integers(5, W - 5, 2))
+                rr, cc, val = line_aa(r0, c0, r1, c1)
+                img[rr, cc] = np.maximum(img[rr, cc], val)
+        # Thicken the strokes a little, as handwriting is.
+        img[1:, :] = np.maximum(img[1:, :], 0.8 * img[:-1, :])
+        img[:, 1:] = np.maximum(img[:, 1:], 0.6 * img[:, :-1])
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def mnist_like_images() -> np.ndarray:
+    """512 uint8 28x28 digit images: the first real MNIST test images when the real files
+    are there, else :func:`synthetic_digits` (so the tests that use them never skip)."""
+    path = REAL_MNIST_DIR / f"{MNIST_NAMES[('test', 'images')]}.gz"
+    if path.is_file():
+        from pipeline.idx import read_idx
+
+        return np.ascontiguousarray(read_idx(path)[:512])
+    return synthetic_digits(512, seed=12345)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "distributed: starts a real local dask.distributed cluster (a few seconds)"
+    )
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_store(name, chunk_size=16, **dataset_kwargs)`` writes a synthetic idx
+    dataset (see :func:`write_synthetic_dataset`) under tmp_path and ingests it into the
+    zarr store tmp_path/name; returns the store path."""
+    from pipeline.ingest import default_sources, ingest
+
+    def make(name: str = "mnist.zarr", *, chunk_size: int = 16, **kwargs: object) -> Path:
+        ds = write_synthetic_dataset(tmp_path / f"raw-{name}", **kwargs)  # type: ignore[arg-type]
+        out = tmp_path / name
+        ingest(out=out, sources=default_sources(ds.raw_dir), chunk_size=chunk_size, force=True)
+        return out
+
+    return make

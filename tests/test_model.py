@@ -27,8 +27,12 @@ def _fitted(binary: bool) -> tuple[LogisticRegression, StandardScaler, np.ndarra
 
 def _artifact(est: LogisticRegression, scaler: StandardScaler, binary: bool) -> LinearModel:
     return LinearModel(
-        mean=scaler.mean_, scale=scaler.scale_, coef=est.coef_, intercept=est.intercept_,
-        classes=np.arange(2) if binary else est.classes_, mode="binary" if binary else "multiclass",
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        coef=est.coef_,
+        intercept=est.intercept_,
+        classes=np.arange(2) if binary else est.classes_,
+        mode="binary" if binary else "multiclass",
         meta={"feature_config_hash": "abc"},
     )
 
@@ -62,8 +66,14 @@ def test_pickled_payload_is_never_loaded(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     save_model(_artifact(est, scaler, False), folder)
     # An attacker rewrites the npz with an object array and fixes the checksum in the json.
-    np.savez(folder / "model.npz", mean=np.array([object()], dtype=object), scale=scaler.scale_,
-             coef=est.coef_, intercept=est.intercept_, classes=est.classes_)
+    np.savez(
+        folder / "model.npz",
+        mean=np.array([object()], dtype=object),
+        scale=scaler.scale_,
+        coef=est.coef_,
+        intercept=est.intercept_,
+        classes=est.classes_,
+    )
     doc = json.loads((folder / "model.json").read_text())
     from pipeline.fingerprint import sha256_file
 

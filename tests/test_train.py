@@ -39,14 +39,18 @@ def test_multiclass_on_learnable_data(learnable_features, tmp_path: Path) -> Non
     assert model.feature_config_hash == learnable_features.config.hash
 
 
-def test_report_embeds_real_figures_and_agrees_with_metrics(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_report_embeds_real_figures_and_agrees_with_metrics(
+    learnable_features, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "model"
     train(features=learnable_features.features, out=out, grid=SMALL_GRID, validation_size=100)
     metrics = json.loads((out / "metrics.json").read_text())
     html = (out / "report.html").read_text()
     figures = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert {"confusion_matrix", "precision_recall", "grid_search"} <= set(figures)
-    embedded = re.findall(r'<img alt="([a-z_]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    embedded = re.findall(
+        r'<img alt="([a-z_]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html
+    )
     assert sorted(name for name, _ in embedded) == figures
     for _, data in embedded:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,7 +75,10 @@ def test_mistake_gallery_when_there_are_mistakes(learnable_features, tmp_path: P
 def test_binary_mode_precision_recall_and_threshold(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "model"
     train(
-        features=learnable_features.features, out=out, grid=SMALL_GRID, validation_size=100,
+        features=learnable_features.features,
+        out=out,
+        grid=SMALL_GRID,
+        validation_size=100,
         positive_class=3,
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -85,22 +92,31 @@ def test_binary_mode_precision_recall_and_threshold(learnable_features, tmp_path
 
 
 def test_cv_mode_and_determinism(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    a = train(features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1)
-    b = train(features=learnable_features.features, out=tmp_path / "b", grid=SMALL_GRID, cv=3, seed=1)
+    a = train(
+        features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1
+    )
+    b = train(
+        features=learnable_features.features, out=tmp_path / "b", grid=SMALL_GRID, cv=3, seed=1
+    )
     ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert [g["score"] for g in ma["grid"]] == [g["score"] for g in mb["grid"]]
     assert ma["selection"] == "3-fold CV"
-    assert (tmp_path / "a" / "model.npz").read_bytes() == (tmp_path / "b" / "model.npz").read_bytes()
+    assert (tmp_path / "a" / "model.npz").read_bytes() == (
+        tmp_path / "b" / "model.npz"
+    ).read_bytes()
     assert not a.skipped and not b.skipped
-    again = train(features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1)
+    again = train(
+        features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1
+    )
     assert again.skipped
 
 
 def test_parse_grid() -> None:
     assert parse_grid(None) == DEFAULT_GRID
     assert parse_grid("C=0.1,0.01;class_weight=none,balanced") == {
-        "C": [0.01, 0.1], "class_weight": [None, "balanced"],
+        "C": [0.01, 0.1],
+        "class_weight": [None, "balanced"],
     }
     for bad in ("C=", "gamma=1", "C=a", "C=-1", "class_weight=heavy", "class_weight=none"):
         with pytest.raises(InputError, match="expected"):
@@ -111,12 +127,35 @@ def test_cli_errors_are_one_line(tmp_path: Path, learnable_features) -> None:  #
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--features", str(tmp_path / "none")])
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["train", "--features", str(learnable_features.features),
-                              "--out", str(tmp_path / "m"), "--grid", "C=oops"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--features",
+            str(learnable_features.features),
+            "--out",
+            str(tmp_path / "m"),
+            "--grid",
+            "C=oops",
+        ],
+    )
     assert res.exit_code == 2 and "expected numbers for C" in res.output
-    res = runner.invoke(app, ["train", "--features", str(learnable_features.features),
-                              "--out", str(tmp_path / "m"), "--positive-class", "12",
-                              "--grid", "C=1", "--validation-size", "100"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--features",
+            str(learnable_features.features),
+            "--out",
+            str(tmp_path / "m"),
+            "--positive-class",
+            "12",
+            "--grid",
+            "C=1",
+            "--validation-size",
+            "100",
+        ],
+    )
     assert res.exit_code == 2 and "expected a class in [0, 9]" in res.output
     assert not (tmp_path / "m").exists()
 

@@ -1,0 +1,936 @@
+"""The ``score`` stage: predict digits of image files, a zarr store or an idx file -> parquet.
+
+Inputs
+------
+* a **folder** of image files, walked lazily and recursively in sorted order
+  (``os.scandir``; only the names of the folders on the current path are held). Files are
+  selected by name patterns (default :data:`~pipeline.images.DEFAULT_GLOBS`), decoded with
+  the allow-listed Pillow decoders and normalized to MNIST format (:mod:`pipeline.images`).
+  Symbolic links are followed only to files inside the folder (such a file is then scored
+  under both names); links to folders are never followed. The job's own output is skipped
+  when it lies inside the folder;
+* a **zarr store** written by ``ingest`` (one split) or an **idx** images file (raw or gzip):
+  images are used as stored.
+
+Features are computed by :func:`pipeline.extract.extract_features` with the model's own
+feature configuration, the code path ``features`` uses for training, one batch at a time.
+
+Output
+------
+A parquet dataset folder, one part ``part-<batch:05d>.parquet`` per batch of
+``batch_size`` inputs, with columns::
+
+    path | image_index   string (relative to the input folder) | int64 (row in the input)
+    prediction          int16, null when the file could not be scored
+    probability         float32, probability of the predicted class, null on error
+    prob_<class>        float32, one per model class (binary models: prob_0, prob_1)
+    status              string, "ok" or why the file could not be scored
+
+A bad file never stops the run: it becomes a row whose ``status`` says what is wrong.
+
+Batches and resuming
+--------------------
+Batch ``i`` always holds inputs ``i * batch_size`` to ``(i + 1) * batch_size - 1`` of the
+deterministic walk, and each part is written atomically (temporary file, fsync, rename).
+The stage always keeps the hidden ``.<out>.partial`` folder of a run that died, with a
+state file recording the inputs' fingerprints and the parameters. ``resume=True`` continues
+such a partial when its state matches (batches whose part exists are skipped, so no row is
+duplicated or lost); otherwise, and always without ``resume``, the partial is discarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import dask
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from dask.callbacks import Callback
+from dask.delayed import Delayed
+
+from pipeline import __version__
+from pipeline.catalogue import FeatureConfig, FeatureConfigError, load_config
+from pipeline.errors import ArtifactError, ConfigMismatchError, InputError, PipelineError
+from pipeline.extract import extract_features, feature_widths
+from pipeline.fingerprint import content_fingerprint
+from pipeline.idx import iter_idx, read_header
+from pipeline.images import (
+    DEFAULT_GLOBS,
+    MNIST_SHAPE,
+    BadImageError,
+    Normalize,
+    read_gray,
+    refuse_decompression_bombs,
+    to_mnist,
+)
+from pipeline.logs import get_logger, progress
+from pipeline.model import LinearModel, load_model
+from pipeline.parallel import default_workers
+from pipeline.stage import StageResult, manifest_path, run_stage, temp_path
+from pipeline.store import open_store, split_arrays
+
+InputKind = Literal["folder", "zarr", "idx"]
+FORMAT = "mnist-pipeline/predictions/1"
+META_KEY = b"mnist_pipeline"
+DEFAULT_BATCH_SIZE = 2048
+PART_NAME = "part-{:05d}.parquet"
+#: Resume state inside the partial output; the "_" prefix hides it from parquet readers.
+STATE_FILE = "_score_state.json"
+#: Batches computed per dask call, per worker thread: enough to keep every thread busy
+#: while a window drains, few enough that a window's file names stay small.
+WINDOW_PER_WORKER = 4
+#: Failure messages shown in the log (the rest are only in the ``status`` column).
+LOGGED_FAILURES = 5
+
+log = get_logger("score")
+
+#: One walked input file: its path relative to the input folder, and why it cannot be
+#: opened (None when it can).
+WalkItem = tuple[str, str | None]
+
+
+class TooManyFailuresError(PipelineError):
+    """More input files failed than ``--max-failures`` allows."""
+
+
+# ------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """A verified model artifact with its loaded feature configuration."""
+
+    model: LinearModel
+    config: FeatureConfig
+    folder: Path
+
+    @property
+    def classes(self) -> list[int]:
+        return [int(c) for c in self.model.classes]
+
+
+def load_scoring_model(folder: Path) -> ScoringModel:
+    """Load a model artifact and the feature configuration it was trained with.
+
+    Raises :class:`~pipeline.errors.ArtifactError` when the artifact is missing or broken,
+    its feature configuration cannot be loaded or does not match its recorded hash, or its
+    classes do not fit the int16 ``prediction`` column.
+    """
+    folder = Path(folder)
+    model = load_model(folder)
+    where = folder / "model.json"
+    raw = model.meta.get("feature_config")
+    if not isinstance(raw, dict):
+        raise ArtifactError(
+            f"{where}: expected a feature_config object, got {type(raw).__name__} "
+            "(retrain the model with this pipeline version)"
+        )
+    try:
+        config = load_config(raw)
+    except FeatureConfigError as e:
+        raise ArtifactError(f"{where}: expected a loadable feature_config, got: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise ArtifactError(
+            f"{where}: expected a loadable feature_config, got a malformed one ({e})"
+        ) from None
+    expected_hash = model.meta.get("feature_config_hash")
+    if expected_hash is not None and expected_hash != config.hash:
+        raise ArtifactError(
+            f"{where}: expected feature_config_hash {config.hash[:12]} for its feature_config, "
+            f"got {str(expected_hash)[:12]} (the artifact was edited)"
+        )
+    info = np.iinfo(np.int16)
+    if model.classes.size and (model.classes.min() < info.min or model.classes.max() > info.max):
+        raise ArtifactError(f"{where}: expected int16 class labels, got {model.classes.tolist()}")
+    return ScoringModel(model=model, config=config, folder=folder)
+
+
+def check_image_shape(scoring: ScoringModel, image_shape: tuple[int, int]) -> None:
+    """Refuse inputs whose image size gives another number of features than the model's."""
+    k = sum(feature_widths(scoring.config, image_shape).values())
+    if k != scoring.model.n_features:
+        raise ConfigMismatchError(
+            f"{scoring.folder}: expected images giving {scoring.model.n_features} features, "
+            f"got {image_shape[0]}x{image_shape[1]} images giving {k} "
+            "(the model was trained on images of another size)"
+        )
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def detect_input(path: Path) -> InputKind:
+    """What kind of input ``path`` is: a zarr store, a folder of images or an idx file."""
+    path = Path(path)
+    if path.is_dir():
+        return "zarr" if (path / "zarr.json").is_file() else "folder"
+    if path.is_file():
+        return "idx"
+    raise InputError(
+        f"INPUT: expected a folder of images, a zarr store or an idx file at {path}, "
+        "got no such file or folder"
+    )
+
+
+def glob_matcher(globs: Sequence[str]) -> Callable[[str, str], bool]:
+    """``match(name, rel_path)`` for fnmatch-style ``globs``, case-insensitive.
+
+    A pattern with ``/`` is matched against the path relative to the input folder (``*``
+    also matches ``/``), any other pattern against the file name.
+    """
+    if not globs:
+        raise InputError("--glob: expected at least one pattern, got none")
+
+    def compile_any(patterns: list[str]) -> re.Pattern[str] | None:
+        if not patterns:
+            return None
+        return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.I)
+
+    by_name = compile_any([g for g in globs if "/" not in g])
+    by_path = compile_any([g for g in globs if "/" in g])
+
+    def match(name: str, rel: str) -> bool:
+        return bool(
+            (by_name is not None and by_name.match(name))
+            or (by_path is not None and by_path.match(rel))
+        )
+
+    return match
+
+
+_FILE, _DIR, _LINK, _OTHER = 0, 1, 2, 3
+_SPECIAL = "expected a regular file, got a special file (FIFO, socket or device)"
+
+
+def _list_dir(
+    folder: str, prefix: str, match: Callable[[str, str], bool], exclude: frozenset[str]
+) -> list[tuple[str, int]]:
+    """Sorted ``(name, kind)`` of a folder's sub-folders and matching files.
+
+    Only names and a small kind code are kept (no ``DirEntry``), so a folder with millions
+    of files costs tens of bytes per file; the kinds come from ``d_type`` (no ``stat``).
+    """
+    out = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if exclude and prefix + e.name in exclude:
+                continue
+            if e.is_symlink():
+                kind = _LINK
+            elif e.is_dir(follow_symlinks=False):
+                out.append((e.name, _DIR))
+                continue
+            else:
+                kind = _FILE if e.is_file(follow_symlinks=False) else _OTHER
+            if match(e.name, prefix + e.name):
+                out.append((e.name, kind))
+    out.sort()
+    return out
+
+
+def _check_link(root: str, root_real: str, rel: str) -> str | None:
+    """Why the symlink ``rel`` is not followed, or None when it is a file inside ``root``."""
+    try:
+        target = os.path.realpath(f"{root}/{rel}", strict=True)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "expected a file, got a symlink loop (not followed)"
+        return f"expected a file, got a broken symlink ({(e.strerror or str(e)).lower()})"
+    if os.path.commonpath((root_real, target)) != root_real:
+        return f"expected a file inside the input folder, got a symlink to {target} (not followed)"
+    if not Path(target).is_file():
+        return "expected a file, got a symlink to a folder or special file (not followed)"
+    return None
+
+
+def walk_images(
+    root: Path, *, globs: Sequence[str] = DEFAULT_GLOBS, exclude: frozenset[str] = frozenset()
+) -> Iterator[WalkItem]:
+    """Matching files under ``root`` in deterministic order, lazily.
+
+    Folders are visited depth-first with entries sorted by name. Yields ``(rel, problem)``:
+    ``rel`` uses ``/``; ``problem`` is None for a file that can be opened, else why not (a
+    symlink leaving ``root``, a symlink loop, a special file, a folder that cannot be
+    listed). Symlinks to folders are never followed. Entries whose relative path is in
+    ``exclude`` (the job's own output inside ``root``) are skipped.
+    """
+    match = glob_matcher(globs)
+    root_s = os.fspath(root)
+    root_real = os.path.realpath(root_s)
+    try:
+        top = _list_dir(root_s, "", match, exclude)
+    except OSError as e:
+        raise InputError(
+            f"INPUT: expected a readable folder at {root}, got {(e.strerror or str(e)).lower()}"
+        ) from None
+    stack: list[tuple[str, Iterator[tuple[str, int]]]] = [("", iter(top))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        name, kind = entry
+        rel = prefix + name
+        if kind == _FILE:
+            yield rel, None
+        elif kind == _DIR:
+            try:
+                listing = _list_dir(f"{root_s}/{rel}", rel + "/", match, exclude)
+            except OSError as e:
+                yield rel, f"expected a readable folder, got {(e.strerror or str(e)).lower()}"
+                continue
+            stack.append((rel + "/", iter(listing)))
+        elif kind == _LINK:
+            yield rel, _check_link(root_s, root_real, rel)
+        else:
+            yield rel, _SPECIAL
+
+
+def folder_fingerprint(
+    root: Path, *, globs: Sequence[str] = DEFAULT_GLOBS, exclude: frozenset[str] = frozenset()
+) -> tuple[str, int]:
+    """sha256 over the walked files' relative paths, sizes and mtimes, and their count.
+
+    The stat-based fingerprint of :func:`pipeline.fingerprint.stat_fingerprint`, but over
+    exactly the files ``score`` reads and streamed, so memory does not grow with the folder.
+    """
+    h = hashlib.sha256()
+    n = 0
+    root_s = os.fspath(root)
+    for rel, problem in walk_images(root, globs=globs, exclude=exclude):
+        try:
+            # str paths and os.stat: no Path object per file on a walk of millions
+            st = os.stat(f"{root_s}/{rel}", follow_symlinks=problem is None)  # noqa: PTH116
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = -1
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        n += 1
+    return h.hexdigest(), n
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def prediction_schema(
+    scoring: ScoringModel, *, id_column: Literal["path", "image_index"], meta: dict[str, Any]
+) -> pa.Schema:
+    """Arrow schema of the predictions (see the module docstring), ``meta`` as JSON metadata."""
+    id_type = pa.string() if id_column == "path" else pa.int64()
+    fields = [
+        pa.field(id_column, id_type, nullable=False),
+        pa.field("prediction", pa.int16()),
+        pa.field("probability", pa.float32()),
+        *(pa.field(f"prob_{c}", pa.float32()) for c in scoring.classes),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def predict_table(
+    images: np.ndarray,
+    ok: np.ndarray,
+    *,
+    ids: pa.Array,
+    status: list[str],
+    scoring: ScoringModel,
+    schema: pa.Schema,
+) -> pa.Table:
+    """Predictions of one batch as an arrow table.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, H, W), uint8
+        Images in the model's format; rows where ``ok`` is False are ignored.
+    ok : ndarray, shape (n,), bool
+        Which rows hold a decoded image.
+    ids : pyarrow.Array, length n
+        The ``path`` or ``image_index`` column.
+    status : list of str, length n
+        ``"ok"`` or the error of each row.
+    """
+    n = len(status)
+    rows = np.flatnonzero(ok)
+    n_classes = len(scoring.classes)
+    pred = np.zeros(n, np.int16)
+    proba = np.zeros((n, n_classes), np.float32)
+    if rows.size:
+        X = extract_features(images[rows], scoring.config)
+        p = scoring.model.predict_proba(X)
+        y = scoring.model.predict(X)
+        pred[rows] = y
+        proba[rows] = p
+    top = np.zeros(n, np.float32)
+    if rows.size:
+        # Column of each predicted label (binary models: label 0/1 is the column).
+        col = np.searchsorted(scoring.model.classes, pred[rows])
+        top[rows] = proba[rows, col]
+    null = ~ok
+    arrays = [
+        ids,
+        pa.array(pred, pa.int16(), mask=null),
+        pa.array(top, pa.float32(), mask=null),
+        *(pa.array(proba[:, j], pa.float32(), mask=null) for j in range(n_classes)),
+        pa.array(status, pa.string()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_part(path: Path, table: pa.Table) -> None:
+    """Write one parquet part atomically: hidden temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with tmp.open("wb") as f:
+            pq.write_table(
+                table,
+                f,
+                compression="zstd",
+                compression_level=1,
+                row_group_size=max(1, table.num_rows),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch task did: rows scored ok, rows failed, a few failure messages."""
+
+    ok: int
+    failed: int
+    examples: tuple[str, ...] = ()
+
+
+def _finish_batch(
+    index: int,
+    images: np.ndarray,
+    ok: np.ndarray,
+    ids: pa.Array,
+    status: list[str],
+    *,
+    out_dir: str,
+    scoring: ScoringModel,
+    schema: pa.Schema,
+    names: Sequence[Any] | np.ndarray,
+) -> BatchResult:
+    table = predict_table(images, ok, ids=ids, status=status, scoring=scoring, schema=schema)
+    write_part(Path(out_dir) / PART_NAME.format(index), table)
+    n_ok = int(np.count_nonzero(ok))
+    failed = np.flatnonzero(~ok)[:LOGGED_FAILURES]
+    examples = tuple(f"{names[j]}: {status[j]}" for j in failed)
+    return BatchResult(n_ok, len(status) - n_ok, examples)
+
+
+def score_file_batch(
+    index: int,
+    items: Sequence[WalkItem],
+    *,
+    root: str,
+    normalize: Normalize,
+    out_dir: str,
+    scoring: ScoringModel,
+    schema: pa.Schema,
+) -> BatchResult:
+    """Decode, normalize and score one batch of files; write part ``index``.
+
+    Decoding is the one per-file loop (Pillow releases the GIL while it decodes); features
+    and predictions are computed for the whole batch at once.
+    """
+    refuse_decompression_bombs()  # the task may run in a dask.distributed worker process
+    n = len(items)
+    images = np.zeros((n, *MNIST_SHAPE), np.uint8)
+    ok = np.zeros(n, bool)
+    status = ["ok"] * n
+    prefix = root + "/"
+    for j, (rel, problem) in enumerate(items):
+        if problem is not None:
+            status[j] = problem
+            continue
+        try:
+            images[j] = to_mnist(read_gray(prefix + rel), normalize=normalize)
+        except BadImageError as e:
+            status[j] = e.reason
+            continue
+        ok[j] = True
+    rels = [rel for rel, _ in items]
+    return _finish_batch(
+        index,
+        images,
+        ok,
+        pa.array(rels, pa.string()),
+        status,
+        out_dir=out_dir,
+        scoring=scoring,
+        schema=schema,
+        names=rels,
+    )
+
+
+def score_array_batch(
+    index: int,
+    images: np.ndarray,
+    *,
+    start: int,
+    out_dir: str,
+    scoring: ScoringModel,
+    schema: pa.Schema,
+) -> BatchResult:
+    """Score one batch of stored images (shape (n, H, W), as stored); write part ``index``."""
+    n = images.shape[0]
+    ids = np.arange(start, start + n, dtype=np.int64)
+    return _finish_batch(
+        index,
+        images,
+        np.ones(n, bool),
+        pa.array(ids, pa.int64()),
+        ["ok"] * n,
+        out_dir=out_dir,
+        scoring=scoring,
+        schema=schema,
+        names=ids,
+    )
+
+
+def score_zarr_batch(index: int, images: Any, *, start: int, stop: int, **kw: Any) -> BatchResult:
+    """Read rows ``start:stop`` of a zarr images array and score them (see
+    :func:`score_array_batch`)."""
+    return score_array_batch(index, np.asarray(images[start:stop]), start=start, **kw)
+
+
+def _zarr_images(job: _Job) -> Any:
+    return split_arrays(open_store(job.source), job.split)[0]
+
+
+# ---------------------------------------------------------------------------- executing
+
+
+class _AdvanceOnFinish(Callback):
+    """Advance a progress reporter when one of the watched dask keys finishes."""
+
+    def __init__(self, weights: dict[Any, int], advance: Callable[[int], None]) -> None:
+        super().__init__()
+        self._weights = weights
+        self._advance = advance
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if key in self._weights:
+            self._advance(self._weights[key])
+
+
+RunWindow = Callable[[list[Delayed], list[int], Callable[[int], None]], list[Any]]
+
+
+@contextlib.contextmanager
+def _executor(scheduler: str | None, workers: int | None) -> Iterator[tuple[RunWindow, int]]:
+    """Yields ``(run_window, slots)``: a function computing a list of tasks (advancing
+    progress as each finishes) and how many tasks can run at once."""
+    if scheduler:
+        from distributed import Client, as_completed
+
+        try:
+            client = Client(scheduler, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise InputError(
+                f"--scheduler: expected a reachable dask scheduler at {scheduler}, got {e}"
+            ) from None
+        with client:
+            info = client.scheduler_info().get("workers", {})
+            slots = max(1, sum(int(w.get("nthreads", 1)) for w in info.values()))
+            log.info(
+                "running on dask cluster %s (%d workers, %d threads)", scheduler, len(info), slots
+            )
+
+            def run_remote(
+                tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
+            ) -> list[Any]:
+                futures = client.compute(tasks)
+                weight_of = {f.key: w for f, w in zip(futures, weights, strict=True)}
+                # set_as_default=False: as_completed must be told which loop to use
+                for future in as_completed(futures, loop=client.loop):
+                    future.result()  # re-raises a task's exception here
+                    advance(weight_of[future.key])
+                return list(client.gather(futures))
+
+            yield run_remote, slots
+        return
+    n = workers or default_workers()
+
+    def run_local(
+        tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
+    ) -> list[Any]:
+        keys = {t.key: w for t, w in zip(tasks, weights, strict=True)}
+        with _AdvanceOnFinish(keys, advance):
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
+
+    yield run_local, n
+
+
+# ------------------------------------------------------------------------------- stage
+
+
+@dataclass
+class _Totals:
+    ok: int = 0
+    failed: int = 0
+    parts: int = 0
+    resumed_parts: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, r: BatchResult) -> None:
+        self.ok += r.ok
+        self.failed += r.failed
+        self.parts += 1
+        room = LOGGED_FAILURES - len(self.examples)
+        if room > 0:
+            self.examples.extend(r.examples[:room])
+
+
+def _part_index(name: str) -> int | None:
+    m = re.fullmatch(r"part-(\d+)\.parquet", name)
+    return int(m.group(1)) if m else None
+
+
+def _prepare_partial(tmp: Path, *, state: dict[str, Any], resume: bool) -> dict[int, BatchResult]:
+    """Make ``tmp`` the folder to write into; returns the finished parts it keeps.
+
+    With ``resume`` and a state file equal to ``state``, the parts of the killed run are
+    kept (stray temporary files removed); otherwise the folder is emptied.
+    """
+    state_file = tmp / STATE_FILE
+    kept: dict[int, BatchResult] = {}
+    if tmp.is_dir():
+        try:
+            old = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if resume and old == state:
+            for p in sorted(tmp.iterdir()):
+                i = _part_index(p.name)
+                if i is not None:
+                    status = pq.read_table(p, columns=["status"]).column("status")
+                    n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+                    kept[i] = BatchResult(n_ok, len(status) - n_ok)
+                elif p.name != STATE_FILE:
+                    p.unlink()  # a part being written when the run died
+            log.info("resuming: %d finished parts kept in %s", len(kept), tmp)
+            return kept
+        if resume:
+            why = "it was made from other inputs or parameters" if old else "it has no state"
+            log.warning("not resuming %s: %s; starting afresh", tmp, why)
+        else:
+            log.info("discarding the partial output of an earlier run in %s", tmp)
+        shutil.rmtree(tmp)
+    elif resume:
+        log.info("nothing to resume (no %s); starting afresh", tmp)
+    tmp.mkdir()
+    state_file.write_text(json.dumps(state, sort_keys=True))
+    return kept
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a build needs besides the output path."""
+
+    kind: InputKind
+    source: Path
+    scoring: ScoringModel
+    globs: tuple[str, ...]
+    split: str
+    normalize: Normalize
+    batch_size: int
+    scheduler: str | None
+    workers: int | None
+    exclude: frozenset[str] = frozenset()
+
+
+def _batch_tasks(
+    job: _Job, out_dir: str, schema: pa.Schema, skip: set[int]
+) -> Iterator[tuple[int, Delayed, int]]:
+    """``(index, task, rows)`` for every batch not in ``skip``, produced lazily."""
+    common: dict[str, Any] = {"out_dir": out_dir, "scoring": job.scoring, "schema": schema}
+    B = job.batch_size
+    if job.kind == "folder":
+        root = os.fspath(job.source.resolve())
+        walk = walk_images(job.source, globs=job.globs, exclude=job.exclude)
+        for i, items in enumerate(_batched(walk, B)):
+            if i not in skip:
+                task = dask.delayed(score_file_batch, pure=False)(
+                    i, items, root=root, normalize=job.normalize, **common
+                )
+                yield i, task, len(items)
+    elif job.kind == "zarr":
+        images = _zarr_images(job)
+        n = int(images.shape[0])
+        for i, start in enumerate(range(0, n, B)):
+            if i not in skip:
+                stop = min(n, start + B)
+                task = dask.delayed(score_zarr_batch, pure=False)(
+                    i, images, start=start, stop=stop, **common
+                )
+                yield i, task, stop - start
+    else:
+        start = 0
+        for i, chunk in enumerate(iter_idx(job.source, rows_per_chunk=B)):
+            if i not in skip:
+                task = dask.delayed(score_array_batch, pure=False)(i, chunk, start=start, **common)
+                yield i, task, len(chunk)
+            start += len(chunk)
+
+
+def _input_shape(job: _Job) -> tuple[int, ...]:
+    """``(n, height, width)`` of a zarr or idx input."""
+    if job.kind == "zarr":
+        shape = tuple(_zarr_images(job).shape)
+    else:
+        try:
+            shape = read_header(job.source).shape
+        except InputError as e:
+            raise InputError(
+                f"INPUT: expected a folder of images, a zarr store or an idx images file, got: {e}"
+            ) from None
+    if len(shape) != 3:
+        raise InputError(
+            f"{job.source}: expected images of shape (n, height, width), got shape {shape}"
+        )
+    return shape
+
+
+def build_predictions(
+    out_dir: Path,
+    *,
+    job: _Job,
+    meta: dict[str, Any],
+    state: dict[str, Any],
+    total: int,
+    resume: bool,
+) -> dict[str, Any]:
+    """Write (or continue) the predictions dataset in ``out_dir``; returns a summary.
+
+    ``meta`` goes into the parquet schema metadata; ``state`` (inputs' fingerprints and
+    parameters) decides whether a partial output may be resumed.
+    """
+    refuse_decompression_bombs()
+    kept = _prepare_partial(out_dir, state=state, resume=resume)
+    id_column: Literal["path", "image_index"] = "path" if job.kind == "folder" else "image_index"
+    schema = prediction_schema(job.scoring, id_column=id_column, meta=meta)
+    totals = _Totals(resumed_parts=len(kept))
+    for r in kept.values():
+        totals.add(r)
+    out_s = os.fspath(out_dir.resolve())
+    with (
+        _executor(job.scheduler, job.workers) as (run_window, slots),
+        progress(log, "score", total=total, unit="images") as advance,
+    ):
+        advance(totals.ok + totals.failed)
+        window: list[tuple[Delayed, int]] = []
+        size = max(2, WINDOW_PER_WORKER * slots)
+
+        def flush() -> None:
+            for r in run_window([t for t, _ in window], [w for _, w in window], advance):
+                totals.add(r)
+            window.clear()
+
+        for _, task, rows in _batch_tasks(job, out_s, schema, set(kept)):
+            window.append((task, rows))
+            if len(window) >= size:
+                flush()
+        flush()
+    if totals.parts == 0:  # no input at all: one empty part, so readers still get the schema
+        empty = predict_table(
+            np.zeros((0, *MNIST_SHAPE), np.uint8),
+            np.zeros(0, bool),
+            ids=pa.array([], schema.field(id_column).type),
+            status=[],
+            scoring=job.scoring,
+            schema=schema,
+        )
+        write_part(out_dir / PART_NAME.format(0), empty)
+        totals.parts = 1
+        log.warning("%s: no input images found", job.source)
+    (out_dir / STATE_FILE).unlink()
+    for example in totals.examples:
+        log.warning("failed: %s", example)
+    rows = totals.ok + totals.failed
+    log.info(
+        "scored %d inputs: %d ok, %d failed",
+        rows,
+        totals.ok,
+        totals.failed,
+        extra={"data": {"rows": rows, "ok": totals.ok, "failed": totals.failed}},
+    )
+    return {
+        "input_kind": job.kind,
+        "rows": rows,
+        "ok": totals.ok,
+        "failed": totals.failed,
+        "parts": totals.parts,
+        "resumed_parts": totals.resumed_parts,
+        "classes": job.scoring.classes,
+        "feature_config_hash": job.scoring.config.hash,
+        "failure_examples": totals.examples,
+    }
+
+
+def score(
+    *,
+    model: Path,
+    source: Path,
+    out: Path,
+    globs: Sequence[str] = DEFAULT_GLOBS,
+    split: str = "test",
+    normalize: Normalize = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    resume: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    lock_timeout: float = 60.0,
+) -> StageResult:
+    """The ``score`` stage (see the module docstring).
+
+    Parameters
+    ----------
+    model : Path
+        Model artifact folder (``model.json`` + ``model.npz``).
+    source : Path
+        Folder of images, zarr dataset store, or idx images file.
+    out : Path
+        Parquet dataset folder to write.
+    globs : sequence of str
+        File name patterns selecting images in a folder input.
+    split : str
+        Split of a zarr store input.
+    normalize : {"auto", "always", "never"}
+        How folder images are brought to MNIST format (:func:`pipeline.images.to_mnist`).
+    batch_size : int
+        Inputs per task and per output part.
+    resume : bool
+        Continue the partial output of a killed run with the same inputs and parameters.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size: expected a positive number of images, got {batch_size}")
+    if normalize not in ("auto", "always", "never"):
+        raise InputError(f"--normalize: expected auto, always or never, got {normalize!r}")
+    source, model, out = Path(source), Path(model), Path(out)
+    kind = detect_input(source)
+    scoring = load_scoring_model(model)
+    globs = tuple(globs) or DEFAULT_GLOBS
+    exclude = _own_files(source, out) if kind == "folder" else frozenset()
+    job = _Job(
+        kind, source, scoring, globs, split, normalize, batch_size, scheduler, workers, exclude
+    )
+    if kind == "folder":
+        glob_matcher(globs)  # validate before the stage starts
+        n_stored = 0
+        check_image_shape(scoring, MNIST_SHAPE)
+    else:
+        n_stored, height, width = _input_shape(job)
+        check_image_shape(scoring, (height, width))
+    params: dict[str, Any] = {
+        "input_kind": kind,
+        "batch_size": batch_size,
+        "feature_config_hash": scoring.config.hash,
+    }
+    if kind == "folder":
+        params.update(globs=list(globs), normalize=normalize)
+    elif kind == "zarr":
+        params["split"] = split
+    fingerprints: dict[str, str] = {}
+    counts: dict[str, int] = {}
+
+    def fingerprint(path: Path) -> str:
+        if Path(path) == source:
+            if kind == "folder":
+                digest, counts["files"] = folder_fingerprint(path, globs=globs, exclude=exclude)
+            else:
+                digest = content_fingerprint(path)
+            fingerprints["input"] = digest
+        else:
+            digest = fingerprints["model"] = content_fingerprint(path)
+        return digest
+
+    meta = {
+        "format": FORMAT,
+        "pipeline_version": __version__,
+        "model": os.fspath(model),
+        "model_mode": scoring.model.mode,
+        "positive_class": scoring.model.positive_class,
+        "threshold": scoring.model.threshold,
+        "classes": scoring.classes,
+        "input": os.fspath(source),
+        **params,
+    }
+
+    def build(tmp: Path) -> dict[str, Any]:
+        state = {
+            "format": FORMAT,
+            "pipeline_version": __version__,
+            "params": params,
+            "inputs": fingerprints,
+        }
+        total = counts["files"] if kind == "folder" else n_stored
+        return build_predictions(tmp, job=job, meta=meta, state=state, total=total, resume=resume)
+
+    # resume=True always: the partial of a run that dies is kept for a later --resume;
+    # the build itself discards it when this run does not resume.
+    return run_stage(
+        "score",
+        output=Path(out),
+        inputs={"model": model, "input": source},
+        params=params,
+        build=build,
+        force=force,
+        lock_timeout=lock_timeout,
+        resume=True,
+        input_fingerprint=fingerprint,
+    )
+
+
+def _own_files(source: Path, out: Path) -> frozenset[str]:
+    """Relative paths of this job's output, partial, lock and manifest when they lie inside
+    the input folder, so a run never scores (or fingerprints) its own output."""
+    own = set()
+    src = source.resolve()
+    lock = out.with_name(f".{out.name}.lock")
+    for path in (out, temp_path(out), lock, manifest_path(out)):
+        try:
+            own.add(path.resolve().relative_to(src).as_posix())
+        except ValueError:
+            continue
+    return frozenset(own)
+
+
+def check_failures(result: StageResult, *, max_failures: int | None) -> None:
+    """Raise :class:`TooManyFailuresError` when more inputs failed than allowed."""
+    failed = int(result.result.get("failed", 0))
+    if max_failures is not None and failed > max_failures:
+        raise TooManyFailuresError(
+            f"score: expected at most {max_failures} failed inputs (--max-failures), got "
+            f"{failed}; their reasons are in the status column of {result.output}"
+        )
