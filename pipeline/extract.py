@@ -17,7 +17,7 @@ from pipeline.preprocess import to_unit_float
 
 #: Images per internal sub-batch: big enough to amortise numpy call overhead, small enough
 #: that a kernel's temporaries stay in cache. Results do not depend on it.
-SUB_BATCH = 512
+SUB_BATCH = 128
 
 
 def _make_view(images: np.ndarray, config: FeatureConfig, view: str) -> np.ndarray:

@@ -46,6 +46,17 @@ def _unit_float64(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float64)
 
 
+@lru_cache(maxsize=32)
+def _scatter_base(n: int, S: int, H: int, W: int, fine: bool) -> np.ndarray:
+    """Flat index of slot 0 for every pixel of a batch (read-only, cached per shape)."""
+    Ho, Wo = ((H + 1) // 2, (W + 1) // 2) if fine else (H, W)
+    rr, cc = np.arange(H), np.arange(W)
+    cell = ((rr // 2)[:, None] * Wo + (cc // 2)[None, :]) if fine else (rr[:, None] * W + cc)
+    base = (np.arange(n, dtype=np.intp) * (S * Ho * Wo))[:, None, None] + cell
+    base.flags.writeable = False
+    return base
+
+
 def _slot_channels(
     g_row: np.ndarray,
     g_col: np.ndarray,
@@ -97,10 +108,8 @@ def _slot_channels(
         slot += 1
     Ho, Wo = ((H + 1) // 2, (W + 1) // 2) if fine else (H, W)
     plane = Ho * Wo
-    rr, cc = np.arange(H), np.arange(W)
-    cell = ((rr // 2)[:, None] * Wo + (cc // 2)[None, :]) if fine else (rr[:, None] * W + cc)
     slot *= plane
-    slot += (np.arange(n, dtype=np.intp) * (S * plane))[:, None, None] + cell
+    slot += _scatter_base(n, S, H, W, fine)
     out = np.zeros(n * S * plane, np.float32)
     # The pixels of a fine cell share an index: scatter each 2x2 sub-lattice separately so
     # that no single fancy assignment has duplicate indices.

@@ -14,6 +14,7 @@ from typing import Any
 import dask
 from dask.callbacks import Callback
 from dask.delayed import Delayed
+from threadpoolctl import threadpool_limits
 
 from pipeline.errors import InputError
 from pipeline.logs import progress
@@ -88,7 +89,11 @@ def compute_tasks(
             return client.gather(futures)
     n = workers or default_workers()
     keys = {t.key: w for t, w in zip(tasks, weights, strict=True)}
+    # One BLAS thread per dask thread: nested BLAS threads oversubscribe the cores and made
+    # 2 workers slower than 1 (measured: 5.6 s vs 3.2 s for 60,000 images' features).
+    # dask.distributed workers get the same setting from their nanny.
     with (
+        threadpool_limits(limits=1, user_api="blas"),
         progress(logger, description, total=total, unit=unit) as advance,
         _TaskProgress(keys, advance),
     ):

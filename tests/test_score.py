@@ -18,7 +18,7 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import REAL_MNIST_DIR, REPO_ROOT
+from conftest import REPO_ROOT
 from PIL import Image
 from test_images import mnist_like, paper_digit, png_header_only
 from typer.testing import CliRunner
@@ -658,32 +658,14 @@ def _cli_ok(*args: Any) -> str:
     return str(result.stdout)
 
 
-@pytest.fixture(scope="session")
-def real_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fetch -> ingest -> features -> train on the real MNIST, via the CLI, in a tmp dir."""
-    names = [
-        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-    ]  # fmt: skip
-    if not all((REAL_MNIST_DIR / n).is_file() for n in names):
-        pytest.skip(f"real MNIST files not found in {REAL_MNIST_DIR}")
-    if not (REPO_ROOT / "pipeline" / "train.py").is_file():
-        pytest.skip("the train stage (pipeline/train.py) is not there yet")
-    work = tmp_path_factory.mktemp("real-pipeline")
-    _cli_ok("fetch", "--source", REAL_MNIST_DIR, "--dest", work / "raw")
-    _cli_ok("ingest", "--raw-dir", work / "raw", "--out", work / "mnist.zarr")
-    _cli_ok("features", "--store", work / "mnist.zarr", "--out", work / "features")
-    _cli_ok("train", "--features", work / "features", "--store", work / "mnist.zarr",
-            "--out", work / "models" / "default")  # fmt: skip
-    return work
-
-
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_png_exports_of_mnist_test_set_score_exactly_like_the_store(
-    real_pipeline: Path, tmp_path: Path
+    real_pipeline: dict[str, Path], tmp_path: Path
 ) -> None:
-    store, model = real_pipeline / "mnist.zarr", real_pipeline / "models" / "default"
+    # The session fixture (conftest) runs fetch -> ingest -> features -> train once for
+    # the real-data tests of train and score.
+    store, model = real_pipeline["store"], real_pipeline["model"]
     images, labels = (a[:] for a in split_arrays(open_store(store), "test"))
     pngs = tmp_path / "pngs"
     for start in range(0, len(images), 1000):
