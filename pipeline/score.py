@@ -62,6 +62,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dask.callbacks import Callback
 from dask.delayed import Delayed
+from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
 from pipeline.catalogue import FeatureConfig, FeatureConfigError, load_config
@@ -585,7 +586,8 @@ def _executor(scheduler: str | None, workers: int | None) -> Iterator[tuple[RunW
         tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
     ) -> list[Any]:
         keys = {t.key: w for t, w in zip(tasks, weights, strict=True)}
-        with _AdvanceOnFinish(keys, advance):
+        # One BLAS thread per dask thread (see pipeline.parallel.compute_tasks).
+        with threadpool_limits(limits=1, user_api="blas"), _AdvanceOnFinish(keys, advance):
             return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
 
     yield run_local, n
