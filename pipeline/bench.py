@@ -4,11 +4,14 @@ All figures come from one run on one machine, so ratios (ours / peer) hold even 
 shared host. Our stages run as the real CLI in subprocesses (so wall time includes start-up
 and peak memory is the stage's own, from ``wait4``); peers run in this process.
 
-Records (``bench/results.json``, a list under ``"records"``) have the fields::
+Records (``bench/results.json``, a list under ``"records"``, beside ``date``, ``machine``
+(cpus, RAM), ``versions``) have the fields::
 
-    stage     ingest | features | train | score | end_to_end | scale
+    stage     ingest | features | train | end_to_end | score | scale_features | scale_score
     impl      ours | peer
-    metric    wall_s | images_per_s | mb_per_s | accuracy | peak_rss_mb
+    metric    stage_s (the stage's own time, from its run manifest) | cli_wall_s (the whole
+              CLI process, with interpreter start-up) | images_per_s | mb_per_s | accuracy |
+              peak_rss_mb | x<K>_stage_s, x<K>_peak_rss_mb (scale runs on K times the data)
     value     median over repetitions (or the single value)
     min, max  over repetitions
     reps      repetitions
@@ -26,14 +29,17 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.errors import InputError, PipelineError
 from pipeline.fetch import MNIST_FILES
 from pipeline.idx import read_idx, write_idx
 from pipeline.logs import get_logger
@@ -71,32 +77,26 @@ def _summary(
     )
 
 
-def run_cli(
-    args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None
-) -> tuple[float, float]:
-    """Run ``python -m jobs ARGS``; return (wall seconds, peak RSS MiB of that process)."""
+def run_cli(args: Sequence[str], *, cwd: Path) -> tuple[float, float]:
+    """Run ``python -m jobs ARGS``; return (wall seconds, peak RSS MiB of that process).
+
+    Output goes to files, not pipes: a full pipe would block the child while we wait.
+    """
     cmd = [sys.executable, "-m", "jobs", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0,):
-        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {err[-2000:]}")
-    log.debug("%s\n%s", out, err)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise PipelineError(
+                f"bench: expected `{' '.join(args)}` to succeed, got exit {proc.returncode}: "
+                f"{tail[0] if tail else ''}"
+            )
     return wall, usage.ru_maxrss / 1024
-
-
-def _repeat(fn: Callable[[], float], reps: int) -> list[float]:
-    return [fn() for _ in range(reps)]
 
 
 def make_source(
@@ -176,6 +176,28 @@ def peer_score(folder: Path, model_dir: Path, *, limit: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
+@dataclass
+class Run:
+    """One CLI run of a stage: wall time of the process, the stage's own time (from its
+    manifest: excludes interpreter start-up and imports), and peak RSS."""
+
+    wall_s: float
+    stage_s: float
+    peak_rss_mb: float
+
+
+def _stage(cwd: Path, output: str, *args: str) -> Run:
+    wall, rss = run_cli(args, cwd=cwd)
+    manifest = json.loads((cwd / f"{output}.manifest.json").read_text())
+    return Run(wall, float(manifest["run"]["wall_seconds"]), rss)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
 def run_benchmark(
     *,
     source: Path,
@@ -186,6 +208,8 @@ def run_benchmark(
     reps: int | None = None,
 ) -> list[Record]:
     """Run every measurement and write ``results``; returns the records."""
+    if not Path(source).is_dir():
+        raise InputError(f"--source: expected a folder with the MNIST idx files, got {source}")
     workdir = workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -195,160 +219,110 @@ def run_benchmark(
     raw = workdir / "raw"
     counts = make_source(Path(source), raw, train=n_train, test=n_test)
     n_images = counts["train-images-idx3-ubyte"] + counts["t10k-images-idx3-ubyte"]
+    holdout = ["--validation-size", "2000"] if quick else []
     records: list[Record] = []
 
-    def cli(*args: str) -> tuple[float, float]:
-        return run_cli(list(args), cwd=workdir)
+    def add(stage: str, impl: str, metric: str, values: Sequence[float], n: int, note: str) -> None:
+        records.append(_summary(stage, impl, metric, values, n, note))
+        log.info("%s %s %s: %.4g", stage, impl, metric, statistics.median(values))
+
+    def stage(output: str, *args: str) -> Run:
+        return _stage(workdir, output, *args)
 
     # ingest: idx.gz -> zarr
-    idx_mb = sum((raw / f"{s.name}.gz").stat().st_size for s in MNIST_FILES) / 2**20
     raw_mb = (
         sum(len(gzip.decompress((raw / f"{s.name}.gz").read_bytes())) for s in MNIST_FILES) / 2**20
     )
-    walls, rss = [], []
-    for _ in range(reps):
-        w, m = cli("ingest", "--raw-dir", str(raw), "--out", "mnist.zarr", "--force")
-        walls.append(w)
-        rss.append(m)
-    records.append(_summary("ingest", "ours", "wall_s", walls, n_images, "idx.gz -> zarr v3, CLI"))
-    records.append(
-        _summary(
-            "ingest",
-            "ours",
-            "mb_per_s",
-            [raw_mb / w for w in walls],
-            n_images,
-            f"uncompressed idx MB/s ({raw_mb:.1f} MB; {idx_mb:.1f} MB gz)",
-        )
-    )
+    runs = [stage("mnist.zarr", "ingest", "--raw-dir", str(raw), "--out", "mnist.zarr", "--force")
+            for _ in range(reps)]  # fmt: skip
+    add("ingest", "ours", "stage_s", [r.stage_s for r in runs], n_images, "idx.gz -> zarr v3")
+    add("ingest", "ours", "mb_per_s", [raw_mb / r.stage_s for r in runs], n_images,
+        f"uncompressed idx MB per second ({raw_mb:.1f} MB)")  # fmt: skip
+    add("ingest", "ours", "cli_wall_s", [r.wall_s for r in runs], n_images, "whole CLI process")
 
-    # features: ours (CLI, zarr -> parquet) vs per-image cv2 + skimage loop
-    walls, rss = [], []
-    for _ in range(reps):
-        w, m = cli("features", "--store", "mnist.zarr", "--out", "features", "--force")
-        walls.append(w)
-        rss.append(m)
-    records.append(
-        _summary(
-            "features",
-            "ours",
-            "images_per_s",
-            [n_images / w for w in walls],
-            n_images,
-            "default feature set, zarr -> parquet, CLI wall time",
-        )
-    )
-    records.append(_summary("features", "ours", "peak_rss_mb", rss, n_images, ""))
-    images = read_idx(raw / "t10k-images-idx3-ubyte.gz")
-    peer_n = min(len(images), 2_000 if quick else 10_000)
-    peer_walls = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        peer_features(images[:peer_n])
-        peer_walls.append(time.perf_counter() - t0)
-    records.append(
-        _summary(
-            "features",
-            "peer",
-            "images_per_s",
-            [peer_n / w for w in peer_walls],
-            peer_n,
-            "loop: cv2.medianBlur + skimage hog 7x7/9",
-        )
-    )
+    # features: ours (zarr -> parquet) vs per-image cv2 + skimage loop (features only)
+    runs = [stage("features", "features", "--store", "mnist.zarr", "--out", "features", "--force")
+            for _ in range(reps)]  # fmt: skip
+    add("features", "ours", "images_per_s", [n_images / r.stage_s for r in runs], n_images,
+        "default feature set, zarr -> parquet, 2 dask threads")  # fmt: skip
+    add("features", "ours", "cli_wall_s", [r.wall_s for r in runs], n_images, "whole CLI process")
+    add("features", "ours", "peak_rss_mb", [r.peak_rss_mb for r in runs], n_images, "")
+    test_images = read_idx(raw / "t10k-images-idx3-ubyte.gz")
+    peer_n = min(len(test_images), 2_000 if quick else 10_000)
+    walls = [_timed(lambda: peer_features(test_images[:peer_n]))[0] for _ in range(reps)]
+    add("features", "peer", "images_per_s", [peer_n / w for w in walls], peer_n,
+        "loop: cv2.medianBlur + skimage hog 7x7/9 (in memory, nothing written)")  # fmt: skip
 
     # train: ours (grid search + refit + report) vs GridSearchCV on raw pixels
     from pipeline.train import DEFAULT_GRID
 
-    w, m = cli("train", "--features", "features", "--out", "model", "--force")
+    run = stage("model", "train", "--features", "features", "--out", "model", "--force", *holdout)
     acc = json.loads((workdir / "model" / "metrics.json").read_text())["accuracy"]
-    records.append(
-        _summary("train", "ours", "wall_s", [w], n_images, "grid search + refit + report")
-    )
-    records.append(_summary("train", "ours", "accuracy", [acc], n_images, "test split"))
-    records.append(_summary("train", "ours", "peak_rss_mb", [m], n_images, ""))
+    add("train", "ours", "stage_s", [run.stage_s], n_images,
+        f"grid C={DEFAULT_GRID['C']} on hold-out + refit + report")  # fmt: skip
+    add("train", "ours", "accuracy", [acc], n_images, "test split")
+    add("train", "ours", "peak_rss_mb", [run.peak_rss_mb], n_images, "")
     Xtr = read_idx(raw / "train-images-idx3-ubyte.gz")
     ytr = read_idx(raw / "train-labels-idx1-ubyte.gz")
     yte = read_idx(raw / "t10k-labels-idx1-ubyte.gz")
-    t0 = time.perf_counter()
-    peer_acc = peer_train(Xtr, ytr, images, yte, Cs=DEFAULT_GRID["C"])
-    records.append(
-        _summary(
-            "train",
-            "peer",
-            "wall_s",
-            [time.perf_counter() - t0],
-            n_images,
-            "GridSearchCV(LogisticRegression(), cv=3), raw pixels, same C grid",
-        )
+    wall, peer_acc = _timed(lambda: peer_train(Xtr, ytr, test_images, yte, Cs=DEFAULT_GRID["C"]))
+    add(
+        "train",
+        "peer",
+        "stage_s",
+        [wall],
+        n_images,
+        "GridSearchCV(LogisticRegression(), cv=3, n_jobs=-1), raw pixels/255, same C grid",
     )
-    records.append(_summary("train", "peer", "accuracy", [peer_acc], n_images, "test split"))
+    add("train", "peer", "accuracy", [peer_acc], n_images, "test split")
 
-    # end to end: ingest + features + train from scratch
-    peak, total = 0.0, 0.0
-    for args in (
-        ("ingest", "--raw-dir", str(raw), "--out", "e2e.zarr", "--force"),
-        ("features", "--store", "e2e.zarr", "--out", "e2e-features", "--force"),
-        ("train", "--features", "e2e-features", "--out", "e2e-model", "--force"),
-    ):
-        w, m = cli(*args)
-        total += w
-        peak = max(peak, m)
-    records.append(
-        _summary(
-            "end_to_end", "ours", "wall_s", [total], n_images, "ingest + features + train, CLI"
-        )
-    )
-    records.append(
-        _summary("end_to_end", "ours", "peak_rss_mb", [peak], n_images, "max over the three stages")
-    )
+    # end to end: ingest + features + train from scratch, as a user runs them
+    e2e = [
+        stage("e2e.zarr", "ingest", "--raw-dir", str(raw), "--out", "e2e.zarr", "--force"),
+        stage("e2e-features", "features", "--store", "e2e.zarr", "--out", "e2e-features",
+              "--force"),
+        stage("e2e-model", "train", "--features", "e2e-features", "--out", "e2e-model", "--force",
+              *holdout),
+    ]  # fmt: skip
+    add("end_to_end", "ours", "cli_wall_s", [sum(r.wall_s for r in e2e)], n_images,
+        "ingest + features + train, three CLI processes")  # fmt: skip
+    add("end_to_end", "ours", "peak_rss_mb", [max(r.peak_rss_mb for r in e2e)], n_images,
+        "max over the three stages")  # fmt: skip
 
-    # score: folder of PNG files, ours (CLI) vs plain Pillow loop
+    # score: a folder of PNG files, ours vs a plain Pillow loop
     n_png = 2_000 if quick else 20_000
     pngs = workdir / "pngs"
-    write_pngs(images, pngs, count=n_png)
-    walls, rss = [], []
-    for _ in range(reps):
-        w, m = cli("score", "--model", "model", str(pngs), "--out", "pred.parquet", "--force")
-        walls.append(w)
-        rss.append(m)
-    records.append(
-        _summary(
-            "score",
-            "ours",
-            "images_per_s",
-            [n_png / w for w in walls],
-            n_png,
-            "28x28 PNG folder -> predictions parquet, CLI",
-        )
-    )
-    records.append(_summary("score", "ours", "peak_rss_mb", rss, n_png, ""))
-    peer_rates = _repeat(lambda: peer_score(pngs, workdir / "model", limit=min(n_png, 2_000)), reps)
-    records.append(
-        _summary(
-            "score",
-            "peer",
-            "images_per_s",
-            peer_rates,
-            min(n_png, 2_000),
-            "loop: Image.open -> numpy -> same features -> predict",
-        )
-    )
+    write_pngs(test_images, pngs, count=n_png)
+    runs = [stage("pred.parquet", "score", "--model", "model", str(pngs), "--out", "pred.parquet",
+                  "--force") for _ in range(reps)]  # fmt: skip
+    add("score", "ours", "images_per_s", [n_png / r.stage_s for r in runs], n_png,
+        "28x28 PNG folder -> predictions parquet, 2 dask threads")  # fmt: skip
+    add("score", "ours", "cli_wall_s", [r.wall_s for r in runs], n_png, "whole CLI process")
+    add("score", "ours", "peak_rss_mb", [r.peak_rss_mb for r in runs], n_png, "")
+    peer_limit = min(n_png, 2_000)
+    rates = [peer_score(pngs, workdir / "model", limit=peer_limit) for _ in range(reps)]
+    add("score", "peer", "images_per_s", rates, peer_limit,
+        "loop: Image.open -> numpy -> same features -> predict")  # fmt: skip
 
     # scale: time and memory against N for features and score
-    for k in range(1, scale + 1) if scale else ():
+    for k in range(1, scale + 1):
         tiled = workdir / f"raw-x{k}"
         make_source(Path(source), tiled, train=n_train, test=n_test, scale=k)
-        cli("ingest", "--raw-dir", str(tiled), "--out", f"x{k}.zarr", "--force")
-        w, m = cli("features", "--store", f"x{k}.zarr", "--out", f"x{k}-features", "--force")
+        stage(f"x{k}.zarr", "ingest", "--raw-dir", str(tiled), "--out", f"x{k}.zarr", "--force")
+        run = stage(f"x{k}-features", "features", "--store", f"x{k}.zarr", "--out",
+                    f"x{k}-features", "--force")  # fmt: skip
         n = n_images * k
-        records.append(_summary("scale", "ours", "features_wall_s", [w], n, f"x{k}"))
-        records.append(_summary("scale", "ours", "features_peak_rss_mb", [m], n, f"x{k}"))
+        add("scale_features", "ours", f"x{k}_stage_s", [run.stage_s], n, f"{n} images")
+        add("scale_features", "ours", f"x{k}_peak_rss_mb", [run.peak_rss_mb], n, f"{n} images")
+        shutil.rmtree(workdir / f"x{k}-features")
+        shutil.rmtree(workdir / f"x{k}.zarr")
         folder = workdir / f"pngs-x{k}"
-        write_pngs(images, folder, count=n_png * k)
-        w, m = cli("score", "--model", "model", str(folder), "--out", f"x{k}.parquet", "--force")
-        records.append(_summary("scale", "ours", "score_wall_s", [w], n_png * k, f"x{k}"))
-        records.append(_summary("scale", "ours", "score_peak_rss_mb", [m], n_png * k, f"x{k}"))
+        write_pngs(test_images, folder, count=n_png * k)
+        run = stage(f"x{k}.parquet", "score", "--model", "model", str(folder), "--out",
+                    f"x{k}.parquet", "--force")  # fmt: skip
+        add("scale_score", "ours", f"x{k}_stage_s", [run.stage_s], n_png * k, f"{n_png * k} files")
+        add("scale_score", "ours", f"x{k}_peak_rss_mb", [run.peak_rss_mb], n_png * k,
+            f"{n_png * k} files")  # fmt: skip
         shutil.rmtree(folder)
 
     doc = {
@@ -360,6 +334,7 @@ def run_benchmark(
             "python": platform.python_version(),
         },
         "quick": quick,
+        "scale": scale,
         "versions": library_versions(),
         "records": [asdict(r) for r in records],
     }
