@@ -47,6 +47,17 @@ LockTimeout = Annotated[
         min=0,
     ),
 ]
+Scheduler = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option("--workers", help="Threads of the local scheduler (default: all CPUs).", min=1),
+]
 LogFormatOpt = Annotated[
     Literal["human", "json"],
     typer.Option(

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from jobs.app import Force, LockTimeout, LogFormatOpt, LogLevel, app, job, report
+from jobs.app import (
+    Force,
+    LockTimeout,
+    LogFormatOpt,
+    LogLevel,
+    Scheduler,
+    Workers,
+    app,
+    job,
+    report,
+)
 
 
 @app.command()
@@ -27,19 +37,8 @@ def features(
             dir_okay=False,
         ),
     ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler",
-            help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", help="Threads of the local scheduler (default: all CPUs).", min=1
-        ),
-    ] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
     force: Force = False,
     lock_timeout: LockTimeout = 60.0,
     log_format: LogFormatOpt = "human",
