@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 CLI    := $(PY) -m jobs
 STAMP  := $(VENV)/.installed
 
-MNIST_SOURCE ?=
-export MNIST_SOURCE
+# MNIST_SOURCE=DIR|URL on the command line (or in the environment) points fetch and bench at
+# a local copy of MNIST instead of the public mirrors.
 
 .PHONY: all pipeline install fetch ingest features train score bench bench-quick test lint clean
 

@@ -11,7 +11,8 @@ Records (``bench/results.json``, a list under ``"records"``, beside ``date``, ``
     impl      ours | peer
     metric    stage_s (the stage's own time, from its run manifest) | cli_wall_s (the whole
               CLI process, with interpreter start-up) | images_per_s | mb_per_s | accuracy |
-              peak_rss_mb | x<K>_stage_s, x<K>_peak_rss_mb (scale runs on K times the data)
+              peak_rss_mb (sampled over the job's process tree) | x<K>_stage_s,
+              x<K>_peak_rss_mb (scale runs on K times the data)
     value     median over repetitions (or the single value)
     min, max  over repetitions
     reps      repetitions
@@ -21,6 +22,7 @@ Records (``bench/results.json``, a list under ``"records"``, beside ``date``, ``
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -78,17 +80,32 @@ def _summary(
 
 
 def run_cli(args: Sequence[str], *, cwd: Path) -> tuple[float, float]:
-    """Run ``python -m jobs ARGS``; return (wall seconds, peak RSS MiB of that process).
+    """Run ``python -m jobs ARGS``; return (wall seconds, peak RSS in MiB).
 
-    Output goes to files, not pipes: a full pipe would block the child while we wait.
+    The peak is sampled every 20 ms over the whole process tree (the job and any worker
+    processes it starts), so it counts what the job really holds. Output goes to files,
+    not pipes: a full pipe would block the child.
     """
+    import psutil
+
     cmd = [sys.executable, "-m", "jobs", *args]
+    peak = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                rss = 0
+                for p in tree:
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
@@ -96,7 +113,7 @@ def run_cli(args: Sequence[str], *, cwd: Path) -> tuple[float, float]:
                 f"bench: expected `{' '.join(args)}` to succeed, got exit {proc.returncode}: "
                 f"{tail[0] if tail else ''}"
             )
-    return wall, usage.ru_maxrss / 1024
+    return wall, peak / 2**20
 
 
 def make_source(
@@ -187,9 +204,9 @@ class Run:
 
 
 def _stage(cwd: Path, output: str, *args: str) -> Run:
-    wall, rss = run_cli(args, cwd=cwd)
-    manifest = json.loads((cwd / f"{output}.manifest.json").read_text())
-    return Run(wall, float(manifest["run"]["wall_seconds"]), rss)
+    wall, peak = run_cli(args, cwd=cwd)
+    run = json.loads((cwd / f"{output}.manifest.json").read_text())["run"]
+    return Run(wall, float(run["wall_seconds"]), peak)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:

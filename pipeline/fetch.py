@@ -184,6 +184,7 @@ def fetch_mnist(
         Per file name: ``path``, content ``sha256`` and ``origin`` (``"present"`` when the
         file was already there and valid).
     """
+    source = source or None  # an empty MNIST_SOURCE means "the default mirrors"
     if source is not None and not is_url(source):
         folder = Path(source)
         if not folder.is_dir():

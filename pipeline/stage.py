@@ -87,11 +87,22 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (and waited-for children), in MiB (Linux)."""
+    """Peak resident memory of this process, in MiB.
+
+    On Linux, ``VmHWM`` from ``/proc/self/status``: the high-water mark of this program's
+    own address space. ``getrusage``'s ``ru_maxrss`` is not used there because it carries
+    over the parent's resident size from before ``exec`` (a job started by a big process
+    would report the parent's memory). Elsewhere, ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return round(max(own, children) * scale / 2**20, 1)
+    return round(own * scale / 2**20, 1)
 
 
 def _jsonable(value: Any) -> Any:

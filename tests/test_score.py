@@ -348,7 +348,9 @@ def test_unreadable_file_and_folder_become_rows(
         monkeypatch.setattr("builtins.open", deny_open)
         monkeypatch.setattr(os, "scandir", deny_scandir)
     try:
-        df = read(run(model_dir, src, tmp_path / "pred.parquet").output)
+        # One worker: the local thread path, so the patched OS calls (root case) apply;
+        # worker processes would not see them.
+        df = read(run(model_dir, src, tmp_path / "pred.parquet", workers=1).output)
     finally:
         closed.chmod(0o755)
     assert df["path"].tolist() == ["d00/img00000.png", "d00/img00001.png", "d01"]
