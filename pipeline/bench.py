@@ -313,7 +313,7 @@ def run_benchmark(
     runs = [stage("pred.parquet", "score", "--model", "model", str(pngs), "--out", "pred.parquet",
                   "--force") for _ in range(reps)]  # fmt: skip
     add("score", "ours", "images_per_s", [n_png / r.stage_s for r in runs], n_png,
-        "28x28 PNG folder -> predictions parquet, 2 dask threads")  # fmt: skip
+        "28x28 PNG folder -> predictions parquet, 2 worker processes")  # fmt: skip
     add("score", "ours", "cli_wall_s", [r.wall_s for r in runs], n_png, "whole CLI process")
     add("score", "ours", "peak_rss_mb", [r.peak_rss_mb for r in runs], n_png, "")
     peer_limit = min(n_png, 2_000)
@@ -372,11 +372,14 @@ def markdown_table(records: Sequence[Record]) -> str:
     for (stage, metric), impls in by_key.items():
         ours, peer = impls.get("ours"), impls.get("peer")
 
+        def num(v: float) -> str:
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
         def fmt(r: Record | None) -> str:
             if r is None:
                 return "-"
-            spread = f" ({r.min:.3g}-{r.max:.3g})" if r.reps > 1 else ""
-            return f"{r.value:.4g}{spread}"
+            spread = f" ({num(r.min)}-{num(r.max)})" if r.reps > 1 else ""
+            return f"{num(r.value)}{spread}"
 
         ratio = f"{ours.value / peer.value:.2f}x" if ours and peer and peer.value else "-"
         first = ours or peer
