@@ -298,7 +298,14 @@ def start_ingest(raw_dir: Path, out: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps it
+        # ignored: give the child the default disposition so Ctrl-C semantics are tested.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until_writing(proc: subprocess.Popen[str], out: Path) -> None:
