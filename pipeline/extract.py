@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline.catalogue import BASE_VIEW, FAMILIES, STEPS, FeatureConfig, FeatureConfigError
+from pipeline.hog import shared_orientations
 from pipeline.preprocess import to_unit_float
 
 #: Images per internal sub-batch: big enough to amortise numpy call overhead, small enough
@@ -30,10 +31,11 @@ def _make_view(images: np.ndarray, config: FeatureConfig, view: str) -> np.ndarr
 def _extract(images: np.ndarray, config: FeatureConfig) -> np.ndarray:
     views: dict[str, np.ndarray] = {}
     parts = []
-    for spec in config.features:
-        if spec.view not in views:
-            views[spec.view] = _make_view(images, config, spec.view)
-        parts.append(FAMILIES[spec.family].kernel(views[spec.view], **spec.kwargs))
+    with shared_orientations():  # HOG families on one view compute orientations once
+        for spec in config.features:
+            if spec.view not in views:
+                views[spec.view] = _make_view(images, config, spec.view)
+            parts.append(FAMILIES[spec.family].kernel(views[spec.view], **spec.kwargs))
     return np.concatenate(parts, axis=1, dtype=np.float32)
 
 

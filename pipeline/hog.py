@@ -14,7 +14,11 @@ and rotations and raise linear-classifier accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -62,11 +66,15 @@ def _slot_channels(
     g_col: np.ndarray,
     *,
     bins: int,
-    signed: bool,
     soft_bins: bool,
     fine: bool = False,
+    signed: bool = True,
 ) -> np.ndarray:
     """Gradient magnitude scattered into ``bins + 2`` orientation slots.
+
+    Signed bin ``k`` is centred at ``-180 + (k + 0.5) * 360 / bins`` degrees. Unsigned
+    soft histograms are folded from signed ones with twice the bins (:func:`_unsign`);
+    ``signed=False`` is only for hard bins, computed as skimage does (degrees modulo 180).
 
     Slot ``j`` holds bin ``j - 1``; slots 0 and ``bins + 1`` catch the wrap-around share of
     bins ``bins - 1`` and 0 and are folded back by :func:`_fold`. Working in slots lets
@@ -79,16 +87,11 @@ def _slot_channels(
     n, H, W = g_row.shape
     S = bins + 2
     mag = np.sqrt(g_row * g_row + g_col * g_col)
-    if signed:  # (-pi, pi] -> [0, bins]
-        pos = np.arctan2(g_row, g_col)
-        pos += np.float32(np.pi)
-        pos *= np.float32(bins / (2 * np.pi))
-    else:
-        # Opposite directions are one orientation: turn every gradient into the upper half
-        # plane, angle in [0, pi] (pi wraps to 0 below). Much cheaper than np.mod.
-        flip = g_row < 0
-        pos = np.arctan2(np.abs(g_row), np.where(flip, -g_col, g_col))
-        pos *= np.float32(bins / np.pi)
+    if soft_bins and not signed:
+        raise ValueError("soft unsigned bins are folded from signed ones; pass signed=True")
+    pos = np.arctan2(g_row, g_col)  # (-pi, pi] -> [0, bins]
+    pos += np.float32(np.pi)
+    pos *= np.float32(bins / (2 * np.pi))
     if soft_bins:
         pos += np.float32(0.5)  # slot coordinate: bin k's centre k + 0.5 sits at slot k + 1
         lower = np.floor(pos)
@@ -99,8 +102,8 @@ def _slot_channels(
     else:
         # Hard bins follow skimage exactly: degrees in float64, so an angle on a bin
         # boundary (45 degrees is common in digits) falls in the upper bin as documented.
-        period = 360.0 if signed else 180.0
         deg = np.rad2deg(np.arctan2(g_row, g_col, dtype=np.float64))
+        period = 360.0 if signed else 180.0
         if signed:
             deg += 180.0
         slot = np.floor(np.mod(deg, period) * (bins / period)).astype(np.intp)
@@ -136,6 +139,16 @@ def _fold(slots: np.ndarray, bins: int) -> np.ndarray:
     return out
 
 
+def _unsign(hist: np.ndarray, bins: int) -> np.ndarray:
+    """(..., 2 * bins) signed histograms -> (..., bins) unsigned: opposite directions add.
+
+    Signed bin ``k`` and ``k + bins`` are 180 degrees apart and their centres fall on the
+    unsigned centre ``(k + 0.5) * 180 / bins``; linear interpolation between neighbouring
+    signed bins folds into linear interpolation between neighbouring unsigned ones.
+    """
+    return hist.reshape(*hist.shape[:-1], 2, bins).sum(axis=-2)
+
+
 def orientation_channels(
     g_row: np.ndarray, g_col: np.ndarray, *, bins: int, signed: bool, soft_bins: bool
 ) -> np.ndarray:
@@ -146,8 +159,48 @@ def orientation_channels(
     With ``soft_bins`` the magnitude is shared linearly between the two bins whose centres
     are nearest, wrapping around.
     """
-    slots = _slot_channels(g_row, g_col, bins=bins, signed=signed, soft_bins=soft_bins)
-    return np.moveaxis(_fold(np.moveaxis(slots, 1, -1), bins), -1, 1)
+    if not soft_bins:
+        slots = _slot_channels(g_row, g_col, bins=bins, soft_bins=False, signed=signed)
+        return np.moveaxis(_fold(np.moveaxis(slots, 1, -1), bins), -1, 1)
+    signed_bins = bins if signed else 2 * bins
+    slots = _slot_channels(g_row, g_col, bins=signed_bins, soft_bins=True)
+    hist = _fold(np.moveaxis(slots, 1, -1), signed_bins)
+    return np.moveaxis(hist if signed else _unsign(hist, bins), -1, 1)
+
+
+#: Per-thread cache of orientation slots, keyed by the image batch; active inside
+#: :func:`shared_orientations` only.
+_SHARED: ContextVar[dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] | None] = ContextVar(
+    "hog_shared_orientations", default=None
+)
+
+
+@contextmanager
+def shared_orientations() -> Iterator[None]:
+    """Within this block, HOG families on the same image batch share gradients and
+    orientation slots (e.g. two cell sizes, signed and unsigned): computed once, pooled
+    twice. Feature extraction of one batch runs inside it."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _orientation_slots(
+    images: np.ndarray, *, bins: int, soft_bins: bool, fine: bool, signed: bool = True
+) -> np.ndarray:
+    cache = _SHARED.get()
+    key = (id(images), images.shape, bins, soft_bins, fine, signed)
+    if cache is not None and key in cache and cache[key][0] is images:
+        return cache[key][1]
+    # Hard bins are the skimage-compatible reference mode: float64 gradients, so that
+    # angles exactly on a bin boundary are classified as skimage does.
+    g_row, g_col = gradients(images, dtype=np.float32 if soft_bins else np.float64)
+    slots = _slot_channels(g_row, g_col, bins=bins, soft_bins=soft_bins, fine=fine, signed=signed)
+    if cache is not None:
+        cache[key] = (images, slots)  # holding `images` keeps its id unique meanwhile
+    return slots
 
 
 @lru_cache(maxsize=64)
@@ -190,14 +243,19 @@ def cell_histograms(
     """Orientation histograms of each cell, shape (n, cells_y, cells_x, bins) float32."""
     if bins < 2:
         raise ValueError(f"expected at least 2 orientation bins, got {bins}")
-    # Hard bins are the skimage-compatible reference mode: float64 gradients, so that
-    # angles exactly on a bin boundary are classified as skimage does.
-    g_row, g_col = gradients(images, dtype=np.float32 if soft_bins else np.float64)
-    n, H, W = g_row.shape
+    n, H, W = np.shape(images)
     my = pooling_matrix(H, cell, spatial)
     mx = pooling_matrix(W, cell, spatial)
-    slots = _slot_channels(
-        g_row, g_col, bins=bins, signed=signed, soft_bins=soft_bins, fine=spatial == "triangle"
+    # Soft unsigned histograms fold from signed ones with twice the bins, so that HOG at
+    # several scales, signed and unsigned, shares one orientation pass.
+    fold = soft_bins and not signed
+    signed_bins = 2 * bins if fold else bins
+    slots = _orientation_slots(
+        images,
+        bins=signed_bins,
+        soft_bins=soft_bins,
+        fine=spatial == "triangle",
+        signed=signed or fold,
     )
     S, Hs, Ws = slots.shape[1:]
     cy, cx = my.shape[0], mx.shape[0]
@@ -206,7 +264,8 @@ def cell_histograms(
     cols = (slots.reshape(-1, Ws) @ mx.T).reshape(n * S, Hs, cx)
     rows = np.ascontiguousarray(cols.transpose(0, 2, 1)).reshape(-1, Hs) @ my.T
     pooled = rows.reshape(n, S, cx, cy).transpose(0, 3, 2, 1)  # (n, cy, cx, S)
-    return _fold(pooled, bins)
+    hist = _fold(pooled, signed_bins)
+    return _unsign(hist, bins) if fold else hist
 
 
 def normalize_blocks(
