@@ -19,9 +19,11 @@ from jobs.app import (
     report,
 )
 from pipeline.images import DEFAULT_GLOBS
-from pipeline.score import DEFAULT_BATCH_SIZE, check_failures
-from pipeline.score import score as score_stage
 from pipeline.stage import temp_path
+
+# Keep in step with pipeline.score.DEFAULT_BATCH_SIZE (not imported here: pipeline.score
+# pulls in dask and the feature kernels, which would slow every CLI start-up).
+DEFAULT_BATCH_SIZE = 2048
 
 
 @app.command()
@@ -99,6 +101,9 @@ def score(
 
     Example: mnist-pipeline score --model data/models/default digits/ --out predictions.parquet
     """
+    from pipeline.score import check_failures  # lazy: see DEFAULT_BATCH_SIZE above
+    from pipeline.score import score as score_stage
+
     with job(log_format, log_level):
         try:
             result = score_stage(

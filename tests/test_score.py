@@ -697,3 +697,10 @@ def test_png_exports_of_mnist_test_set_score_exactly_like_the_store(
     print(f"MNIST test accuracy: train report {metrics['accuracy']:.4f}, scored {accuracy:.4f}, "
           f"re-normalized PNGs {acc_always:.4f}")  # fmt: skip
     assert acc_always > accuracy - 0.02, (acc_always, accuracy)
+
+
+def test_cli_default_batch_size_matches_the_library() -> None:
+    import jobs.score
+    import pipeline.score
+
+    assert jobs.score.DEFAULT_BATCH_SIZE == pipeline.score.DEFAULT_BATCH_SIZE
