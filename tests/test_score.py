@@ -509,7 +509,7 @@ def test_interrupt_message_points_to_resume(
     def interrupted(**kw: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("jobs.score.score_stage", interrupted)
+    monkeypatch.setattr("pipeline.score.score", interrupted)  # imported lazily by the job
     result = invoke("score", tmp_path, "--model", model_dir, "--out", tmp_path / "p.parquet")
     assert result.exit_code == 130
     assert "--resume" in result.stderr and ".p.parquet.partial" in result.stderr
