@@ -300,6 +300,10 @@ def run_stage(
             log.info("building %s (%s)", output, reason)
         else:
             log.info("building %s (--force)", output)
+        # A crash between the two renames of a rebuild leaves `.<name>.old-<pid>`; we hold
+        # the lock, so no other run can still be using one.
+        for stale in output.parent.glob(f".{output.name}.old-*"):
+            _remove(stale)
         target = temp_path(output) if atomic else output
         if atomic and not resume:
             _remove(target)

@@ -438,3 +438,12 @@ def test_lock_timeout_expires(tmp_path: Path, inp: Path) -> None:
 def test_different_outputs_do_not_share_a_lock(tmp_path: Path, inp: Path) -> None:
     with output_lock(tmp_path / "a.txt", timeout=0):
         assert not run(tmp_path / "b.txt", inp, Builder(), lock_timeout=0).skipped
+
+
+def test_stale_old_output_from_a_crashed_swap_is_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.old-12345"
+    stale.mkdir()
+    (stale / "x").write_text("left by a crash between the two renames")
+    run_stage("t", output=out, inputs={}, params={}, build=lambda p: p.mkdir() or None)
+    assert out.is_dir() and not stale.exists()
