@@ -40,7 +40,6 @@ duplicated or lost); otherwise, and always without ``resume``, the partial is di
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -60,9 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dask.callbacks import Callback
 from dask.delayed import Delayed
-from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
 from pipeline.catalogue import FeatureConfig, FeatureConfigError, load_config
@@ -81,7 +78,7 @@ from pipeline.images import (
 )
 from pipeline.logs import get_logger, progress
 from pipeline.model import LinearModel, load_model
-from pipeline.parallel import default_workers
+from pipeline.parallel import executor
 from pipeline.stage import StageResult, manifest_path, run_stage, temp_path
 from pipeline.store import open_store, split_arrays
 
@@ -531,97 +528,6 @@ def _zarr_images(job: _Job) -> Any:
 # ---------------------------------------------------------------------------- executing
 
 
-class _AdvanceOnFinish(Callback):
-    """Advance a progress reporter when one of the watched dask keys finishes."""
-
-    def __init__(self, weights: dict[Any, int], advance: Callable[[int], None]) -> None:
-        super().__init__()
-        self._weights = weights
-        self._advance = advance
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if key in self._weights:
-            self._advance(self._weights[key])
-
-
-RunWindow = Callable[[list[Delayed], list[int], Callable[[int], None]], list[Any]]
-
-
-@contextlib.contextmanager
-def _executor(
-    scheduler: str | None, workers: int | None, *, processes: bool = False
-) -> Iterator[tuple[RunWindow, int]]:
-    """Yields ``(run_window, slots)``: a function computing a list of tasks (advancing
-    progress as each finishes) and how many tasks can run at once. Local runs use threads,
-    or worker processes when ``processes`` (for file decoding)."""
-    if scheduler:
-        from distributed import Client, as_completed
-
-        try:
-            client = Client(scheduler, timeout="20s", set_as_default=False)
-        except (OSError, TimeoutError) as e:
-            raise InputError(
-                f"--scheduler: expected a reachable dask scheduler at {scheduler}, got {e}"
-            ) from None
-        with client:
-            info = client.scheduler_info().get("workers", {})
-            slots = max(1, sum(int(w.get("nthreads", 1)) for w in info.values()))
-            log.info(
-                "running on dask cluster %s (%d workers, %d threads)", scheduler, len(info), slots
-            )
-
-            def run_remote(
-                tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
-            ) -> list[Any]:
-                futures = client.compute(tasks)
-                weight_of = {f.key: w for f, w in zip(futures, weights, strict=True)}
-                # set_as_default=False: as_completed must be told which loop to use
-                for future in as_completed(futures, loop=client.loop):
-                    future.result()  # re-raises a task's exception here
-                    advance(weight_of[future.key])
-                return list(client.gather(futures))
-
-            yield run_remote, slots
-        return
-    n = workers or default_workers()
-    if processes and n > 1:
-        # Decoding many small files is Python-bound (Pillow's per-file overhead holds the
-        # GIL), so threads do not scale: 2 threads were slower than 1. A persistent pool of
-        # worker processes, started once, does (forkserver: no fork of a threaded parent).
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["pipeline.score"])
-        with ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init) as pool:
-
-            def run_pool(
-                tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
-            ) -> list[Any]:
-                keys = {t.key: w for t, w in zip(tasks, weights, strict=True)}
-                with _AdvanceOnFinish(keys, advance):
-                    return list(dask.compute(*tasks, scheduler="processes", pool=pool))
-
-            yield run_pool, n
-        return
-
-    def run_local(
-        tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
-    ) -> list[Any]:
-        keys = {t.key: w for t, w in zip(tasks, weights, strict=True)}
-        # One BLAS thread per dask thread (see pipeline.parallel.compute_tasks).
-        with threadpool_limits(limits=1, user_api="blas"), _AdvanceOnFinish(keys, advance):
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
-
-    yield run_local, n
-
-
-def _worker_init() -> None:
-    """Worker processes: one BLAS thread each, and decompression bombs refused."""
-    threadpool_limits(limits=1, user_api="blas")
-    refuse_decompression_bombs()
-
-
 # ------------------------------------------------------------------------------- stage
 
 
@@ -778,10 +684,16 @@ def build_predictions(
         totals.add(r)
     out_s = os.fspath(out_dir.resolve())
     with (
-        _executor(job.scheduler, job.workers, processes=job.kind == "folder") as (
-            run_window,
-            slots,
-        ),
+        # Decoding many small files is Python-bound (Pillow's per-file overhead holds the
+        # GIL): threads do not scale (2 were slower than 1), worker processes do.
+        executor(
+            logger=log,
+            scheduler=job.scheduler,
+            workers=job.workers,
+            processes=job.kind == "folder",
+            worker_init=refuse_decompression_bombs,
+            preload=("pipeline.score",),
+        ) as (run_window, slots),
         progress(log, "score", total=total, unit="images") as advance,
     ):
         advance(totals.ok + totals.failed)
