@@ -45,7 +45,7 @@ from pipeline.errors import InputError, PipelineError
 from pipeline.fetch import MNIST_FILES
 from pipeline.idx import read_idx, write_idx
 from pipeline.logs import get_logger
-from pipeline.stage import library_versions
+from pipeline.stage import library_versions, write_json_atomic
 
 log = get_logger("bench")
 
@@ -356,7 +356,7 @@ def run_benchmark(
         "records": [asdict(r) for r in records],
     }
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json_atomic(results, doc)
     return records
 
 

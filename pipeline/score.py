@@ -79,12 +79,12 @@ from pipeline.images import (
 from pipeline.logs import get_logger, progress
 from pipeline.model import LinearModel, load_model
 from pipeline.parallel import executor
+from pipeline.parquet import META_KEY
 from pipeline.stage import StageResult, manifest_path, run_stage, temp_path
 from pipeline.store import open_store, split_arrays
 
 InputKind = Literal["folder", "zarr", "idx"]
 FORMAT = "mnist-pipeline/predictions/1"
-META_KEY = b"mnist_pipeline"
 DEFAULT_BATCH_SIZE = 2048
 PART_NAME = "part-{:05d}.parquet"
 #: Resume state inside the partial output; the "_" prefix hides it from parquet readers.
