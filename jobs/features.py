@@ -37,6 +37,13 @@ def features(
             dir_okay=False,
         ),
     ] = None,
+    compression: Annotated[
+        str,
+        typer.Option(
+            "--compression",
+            help="Parquet codec: none (fastest; default), lz4, zstd (smallest) or snappy.",
+        ),
+    ] = "none",
     scheduler: Scheduler = None,
     workers: Workers = None,
     force: Force = False,
@@ -57,6 +64,7 @@ def features(
             store=store,
             out=out,
             config=config,
+            compression=compression,
             scheduler=scheduler,
             workers=workers,
             force=force,

@@ -28,15 +28,18 @@ def _make_view(images: np.ndarray, config: FeatureConfig, view: str) -> np.ndarr
     return to_unit_float(out)
 
 
-def _extract(images: np.ndarray, config: FeatureConfig) -> np.ndarray:
+def _extract_into(out: np.ndarray, images: np.ndarray, config: FeatureConfig) -> None:
     views: dict[str, np.ndarray] = {}
-    parts = []
+    start = 0
     with shared_orientations():  # HOG families on one view compute orientations once
         for spec in config.features:
             if spec.view not in views:
                 views[spec.view] = _make_view(images, config, spec.view)
-            parts.append(FAMILIES[spec.family].kernel(views[spec.view], **spec.kwargs))
-    return np.concatenate(parts, axis=1, dtype=np.float32)
+            part = FAMILIES[spec.family].kernel(views[spec.view], **spec.kwargs)
+            out[:, start : start + part.shape[1]] = part
+            start += part.shape[1]
+    if start != out.shape[1]:
+        raise AssertionError(f"families gave {start} features, expected {out.shape[1]}")
 
 
 def extract_features(
@@ -60,18 +63,12 @@ def extract_features(
     if images.ndim != 3:
         raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
     n = images.shape[0]
-    if n == 0:
-        width = sum(feature_widths(config, (images.shape[1], images.shape[2])).values())
-        return np.empty((0, width), np.float32)
-    if n <= sub_batch:
-        return _extract(images, config)
-    out = None
+    width = sum(feature_widths(config, (images.shape[1], images.shape[2])).values())
+    # Each family writes its block of each sub-batch straight into the result.
+    out = np.empty((n, width), np.float32)
     for start in range(0, n, sub_batch):
-        block = _extract(images[start : start + sub_batch], config)
-        if out is None:
-            out = np.empty((n, block.shape[1]), np.float32)
-        out[start : start + len(block)] = block
-    assert out is not None
+        stop = min(n, start + sub_batch)
+        _extract_into(out[start:stop], images[start:stop], config)
     return out
 
 

@@ -16,10 +16,11 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.catalogue import FeatureConfig, columns
+from pipeline.errors import InputError
 from pipeline.extract import feature_widths, features_dask
 from pipeline.logs import get_logger
 from pipeline.parallel import compute_tasks
-from pipeline.parquet import feature_schema, feature_table, write_table
+from pipeline.parquet import COMPRESSION, COMPRESSIONS, feature_schema, feature_table, write_table
 from pipeline.stage import StageResult, run_stage
 from pipeline.store import SPLITS, open_store, split_arrays
 
@@ -27,9 +28,13 @@ FORMAT = "mnist-pipeline/features/1"
 log = get_logger("features")
 
 
-def _write_part(X: np.ndarray, labels: np.ndarray, start: int, path: Path, **kw: Any) -> int:
+def _write_part(
+    X: np.ndarray, labels: np.ndarray, start: int, path: Path, *, compression: str, **kw: Any
+) -> int:
     image_id = np.arange(start, start + X.shape[0], dtype=np.int64)
-    write_table(path, feature_table(X, image_id=image_id, labels=labels, **kw))
+    write_table(
+        path, feature_table(X, image_id=image_id, labels=labels, **kw), compression=compression
+    )
     return X.shape[0]
 
 
@@ -39,6 +44,7 @@ def build_features(
     store: Path,
     config: FeatureConfig,
     splits: tuple[str, ...] = SPLITS,
+    compression: str = COMPRESSION,
     scheduler: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
@@ -77,7 +83,14 @@ def build_features(
             path = out / f"{split}-{i:05d}.parquet"
             tasks.append(
                 dask.delayed(_write_part, pure=False)(
-                    block, part_labels, a, path, split=split, columns=layout, schema=schema
+                    block,
+                    part_labels,
+                    a,
+                    path,
+                    split=split,
+                    columns=layout,
+                    schema=schema,
+                    compression=compression,
                 )
             )
             weights.append(b - a)
@@ -106,20 +119,34 @@ def features(
     out: Path,
     config: FeatureConfig,
     splits: tuple[str, ...] = SPLITS,
+    compression: str = COMPRESSION,
     scheduler: str | None = None,
     workers: int | None = None,
     force: bool = False,
     lock_timeout: float = 60.0,
 ) -> StageResult:
     """The ``features`` stage (see the module docstring)."""
+    if compression not in COMPRESSIONS:
+        raise InputError(f"--compression: expected one of {COMPRESSIONS}, got {compression!r}")
     return run_stage(
         "features",
         output=out,
         inputs={"store": store},
-        params={"config_hash": config.hash, "config": config.to_dict(), "splits": list(splits)},
+        params={
+            "config_hash": config.hash,
+            "config": config.to_dict(),
+            "splits": list(splits),
+            "compression": compression,
+        },
         force=force,
         lock_timeout=lock_timeout,
         build=lambda tmp: build_features(
-            tmp, store=store, config=config, splits=splits, scheduler=scheduler, workers=workers
+            tmp,
+            store=store,
+            config=config,
+            splits=splits,
+            compression=compression,
+            scheduler=scheduler,
+            workers=workers,
         ),
     )

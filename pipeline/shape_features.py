@@ -50,8 +50,13 @@ def pixel_grid(images: np.ndarray, *, factor: int = 2) -> np.ndarray:
         raise ValueError(f"expected a factor dividing {H} and {W}, got {factor}")
     if factor == 1:
         return x.reshape(n, -1).copy()
-    pooled = x.reshape(n, H // factor, factor, W // factor, factor).mean(axis=(2, 4))
-    return pooled.reshape(n, -1).astype(np.float32)
+    # A sum of factor**2 strided views: numpy's multi-axis mean over tiny axes is ~20x slower.
+    pooled = np.zeros((n, H // factor, W // factor), np.float32)
+    for dy in range(factor):
+        for dx in range(factor):
+            pooled += x[:, dy::factor, dx::factor]
+    pooled *= np.float32(1 / factor**2)
+    return pooled.reshape(n, -1)
 
 
 def projection_profiles(images: np.ndarray) -> np.ndarray:
