@@ -11,6 +11,7 @@ Exit codes: 0 success (or nothing to do), 1 the run failed, 2 bad usage or bad i
 from __future__ import annotations
 
 import contextlib
+import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,19 @@ def root(
     if config is not None:
         ctx.default_map = _load_config(config)
     ctx.obj = {"config": str(config) if config else None}
+
+
+def one_blas_thread() -> None:
+    """Make BLAS libraries loaded from now on start a single thread (a user's own
+    ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` win).
+
+    For jobs whose BLAS work runs one thread per dask worker anyway (features, score): an
+    OpenBLAS loaded mid-run (scipy's, which numba's start-up loads) would otherwise start a
+    thread per core that busy-waits for a while, taking a core from the workers (measured:
+    features stage 1.47 s -> 1.36 s on 2 cores).
+    """
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 @contextlib.contextmanager

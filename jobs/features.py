@@ -16,6 +16,7 @@ from jobs.app import (
     Workers,
     app,
     job,
+    one_blas_thread,
     report,
 )
 
@@ -55,6 +56,7 @@ def features(
 
     Example: mnist-pipeline features --store data/mnist.zarr --out data/features
     """
+    one_blas_thread()
     from pipeline.catalogue import load_config  # lazy: keeps `--help` and other jobs fast to start
     from pipeline.features import features as features_stage
 

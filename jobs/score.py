@@ -16,6 +16,7 @@ from jobs.app import (
     Workers,
     app,
     job,
+    one_blas_thread,
     report,
 )
 from pipeline.images import DEFAULT_GLOBS
@@ -101,6 +102,7 @@ def score(
 
     Example: mnist-pipeline score --model data/models/default digits/ --out predictions.parquet
     """
+    one_blas_thread()
     from pipeline.score import check_failures  # lazy: see DEFAULT_BATCH_SIZE above
     from pipeline.score import score as score_stage
 

@@ -458,3 +458,19 @@ def test_cli_option_beats_env_and_config(tmp_path: Path, dataset: SyntheticDatas
     assert open_store(out).attrs["dataset"] == "from-config"
     manifest = read_manifest(out)
     assert manifest is not None and manifest["params"]["chunk_size"] == 6
+
+
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_one_blas_thread_sets_defaults_only(
+    monkeypatch: pytest.MonkeyPatch, preset: str | None
+) -> None:
+    from jobs.app import one_blas_thread
+
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if preset is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, preset)
+    one_blas_thread()
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert os.environ[var] == (preset or "1")  # a user's own setting wins

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -97,6 +98,41 @@ def test_features_stage_is_skipped_when_up_to_date_and_rebuilt_with_force(
     assert not forced.skipped
     assert snapshot(out) != before
     assert features(store=store, out=out, config=config, workers=1).skipped
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_compressed_features_hold_the_same_values(
+    make_store: Callable[..., Path], tmp_path: Path, config: FeatureConfig, codec: str
+) -> None:
+    store = make_store(n_train=30, n_test=10)
+    plain = tmp_path / "plain"
+    features(store=store, out=plain, config=config, workers=1)
+    packed = tmp_path / codec
+    features(store=store, out=packed, config=config, workers=1, compression=codec)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(
+            read_features(packed, split=split).X, read_features(plain, split=split).X
+        )
+    files = part_files(packed)
+    assert {pq.ParquetFile(f).metadata.row_group(0).column(3).compression for f in files} == {
+        codec.upper()
+    }
+    assert pq.ParquetFile(part_files(plain)[0]).metadata.row_group(0).column(3).compression == (
+        "UNCOMPRESSED"
+    )
+    manifest = read_manifest(packed)
+    assert manifest is not None and manifest["params"]["compression"] == codec
+    # Another codec is another output: not up to date.
+    assert not features(store=store, out=packed, config=config, workers=1).skipped
+
+
+def test_features_stage_rejects_an_unknown_codec(
+    make_store: Callable[..., Path], tmp_path: Path, config: FeatureConfig
+) -> None:
+    store = make_store(n_train=5, n_test=5)
+    with pytest.raises(InputError, match=r"expected one of .* got 'brotli'"):
+        features(store=store, out=tmp_path / "f", config=config, compression="brotli")
+    assert not (tmp_path / "f").exists()
 
 
 def test_features_stage_rebuilds_when_the_store_changes(
@@ -241,6 +277,17 @@ def assert_one_error_line(result: Any, code: int, *fragments: str) -> None:
     assert result.stdout == ""
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.usefixtures("_isolated")
+def test_cli_features_with_an_unknown_codec(
+    make_store: Callable[..., Path], tmp_path: Path
+) -> None:
+    store = make_store(n_train=5, n_test=5)
+    args = ("features", "--store", store, "--out", tmp_path / "f", "--compression", "gzip9")
+    result = invoke(*args)
+    assert_one_error_line(result, 2, "--compression", "gzip9", "lz4")
+    assert not (tmp_path / "f").exists()
 
 
 @pytest.mark.usefixtures("_isolated")
