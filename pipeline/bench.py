@@ -11,6 +11,8 @@ Records (``bench/results.json``, a list under ``"records"``, beside ``date``, ``
     impl      ours | peer
     metric    stage_s (the stage's own time, from its run manifest) | cli_wall_s (the whole
               CLI process, with interpreter start-up) | images_per_s | mb_per_s | accuracy |
+              output_mb (on disk) | lz4_images_per_s, lz4_output_mb (features with
+              ``--compression lz4``) |
               peak_rss_mb (sampled over the job's process tree) | x<K>_stage_s,
               x<K>_peak_rss_mb (scale runs on K times the data)
     value     median over repetitions (or the single value)
@@ -45,7 +47,7 @@ from pipeline.errors import InputError, PipelineError
 from pipeline.fetch import MNIST_FILES
 from pipeline.idx import read_idx, write_idx
 from pipeline.logs import get_logger
-from pipeline.stage import library_versions, write_json_atomic
+from pipeline.stage import disk_usage, library_versions, write_json_atomic
 
 log = get_logger("bench")
 
@@ -264,6 +266,16 @@ def run_benchmark(
         "default feature set, zarr -> parquet, 2 dask threads")  # fmt: skip
     add("features", "ours", "cli_wall_s", [r.wall_s for r in runs], n_images, "whole CLI process")
     add("features", "ours", "peak_rss_mb", [r.peak_rss_mb for r in runs], n_images, "")
+    add("features", "ours", "output_mb", [disk_usage(workdir / "features") / 2**20], n_images,
+        "parquet on disk, uncompressed (the default)")  # fmt: skip
+    # The size/speed trade-off of the codec option, in the same run.
+    runs = [stage("features-lz4", "features", "--store", "mnist.zarr", "--out", "features-lz4",
+                  "--force", "--compression", "lz4") for _ in range(reps)]  # fmt: skip
+    add("features", "ours", "lz4_images_per_s", [n_images / r.stage_s for r in runs], n_images,
+        "same with --compression lz4")  # fmt: skip
+    add("features", "ours", "lz4_output_mb", [disk_usage(workdir / "features-lz4") / 2**20],
+        n_images, "parquet on disk with --compression lz4")  # fmt: skip
+    shutil.rmtree(workdir / "features-lz4")
     test_images = read_idx(raw / "t10k-images-idx3-ubyte.gz")
     peer_n = min(len(test_images), 2_000 if quick else 10_000)
     walls = [_timed(lambda: peer_features(test_images[:peer_n]))[0] for _ in range(reps)]
