@@ -7,7 +7,6 @@ independent of how a dataset is split into batches.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.lib.stride_tricks import sliding_window_view
 
 #: Border handling of :func:`median_blur`; equals ``scipy.ndimage`` ``mode="reflect"``
@@ -146,40 +145,6 @@ def binarize(images: np.ndarray, *, method: str = "otsu", threshold: float = 0.5
     raise ValueError(f"expected binarize method 'otsu' or 'fixed', got {method!r}")
 
 
-# reassoc lets the row sums vectorize; each image's sums still run in one fixed order
-# whatever the batch (and are exact in float64 for 8-bit images).
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _moments(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """(n, H, W) float32 -> (n, 6) float64: mass, cy, cx, mu20, mu02, mu11 (see
-    :func:`image_moments`). Per-image sums in float64, never a reduction across the batch."""
-    n, H, W = x.shape
-    out = np.empty((n, 6), np.float64)
-    for i in range(n):
-        m = sy = sx = syy = sxx = sxy = 0.0
-        for r in range(H):
-            row = 0.0
-            row_x = 0.0
-            row_xx = 0.0
-            for c in range(W):
-                v = np.float64(x[i, r, c])
-                row += v
-                row_x += v * c
-                row_xx += v * (c * c)
-            m += row
-            sy += row * r
-            syy += row * (r * r)
-            sx += row_x
-            sxy += row_x * r
-            sxx += row_xx
-        if m > 1e-6:
-            cy = sy / m
-            cx = sx / m
-            out[i] = (m, cy, cx, syy / m - cy * cy, sxx / m - cx * cx, sxy / m - cy * cx)
-        else:
-            out[i] = (m, (H - 1) / 2, (W - 1) / 2, 0.0, 0.0, 0.0)
-    return out
-
-
 def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
     """Mass, centroid and second central moments of each image.
 
@@ -187,35 +152,10 @@ def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
     variance), ``mu02`` (column variance), ``mu11`` (covariance). Coordinates are pixel
     centres (row/column indices). An empty image gets its geometric centre and zero spread.
     """
-    m = _moments(np.ascontiguousarray(to_unit_float(_check_batch(images))))
+    from pipeline import jit  # compiled loops, imported on first use (numba is heavy)
+
+    m = jit.moments(np.ascontiguousarray(to_unit_float(_check_batch(images))))
     return {k: m[:, j] for j, k in enumerate(("mass", "cy", "cx", "mu20", "mu02", "mu11"))}
-
-
-@njit(nogil=True, cache=True)
-def _deskew(x: np.ndarray, moments: np.ndarray, center: bool) -> np.ndarray:  # pragma: no cover
-    """Compiled body of :func:`deskew`: x (n, H, W) float32, moments from :func:`_moments`."""
-    n, H, W = x.shape
-    out = np.zeros((n, H, W), np.float32)
-    for i in range(n):
-        cy = moments[i, 1]
-        mu20 = moments[i, 3]
-        slant = moments[i, 5] / mu20 if mu20 > 1e-2 else 0.0
-        dy = int(np.rint(cy - (H - 1) / 2)) if center else 0
-        dx = moments[i, 2] - (W - 1) / 2 if center else 0.0
-        for r in range(H):
-            src = r + dy
-            if src < 0 or src > H - 1:
-                continue  # the row comes from outside the image: stays 0
-            shift = np.float32(min(max(slant * (src - cy) + dx, -(W + 1.0)), W + 1.0))
-            whole = np.floor(shift)
-            frac = shift - whole
-            k = int(whole)
-            for c in range(W):
-                j = c + k
-                left = x[i, src, j] if 0 <= j < W else np.float32(0.0)
-                right = x[i, src, j + 1] if 0 <= j + 1 < W else np.float32(0.0)
-                out[i, r, c] = (right - left) * frac + left
-    return out
 
 
 def deskew(images: np.ndarray, *, center: bool = True) -> np.ndarray:
@@ -237,8 +177,10 @@ def deskew(images: np.ndarray, *, center: bool = True) -> np.ndarray:
     -------
     ndarray, shape (n, H, W), float32 in [0, 1]
     """
+    from pipeline import jit  # compiled loops, imported on first use (numba is heavy)
+
     x = np.ascontiguousarray(to_unit_float(_check_batch(images)))
-    return _deskew(x, _moments(x), center)
+    return jit.deskew_rows(x, jit.moments(x), center)
 
 
 def center_of_mass_shift(images: np.ndarray) -> np.ndarray:

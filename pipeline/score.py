@@ -692,7 +692,7 @@ def build_predictions(
             workers=job.workers,
             processes=job.kind == "folder",
             worker_init=refuse_decompression_bombs,
-            preload=("pipeline.score",),
+            preload=("pipeline.score", "pipeline.jit"),
         ) as (run_window, slots),
         progress(log, "score", total=total, unit="images") as advance,
     ):

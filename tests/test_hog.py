@@ -385,7 +385,7 @@ def test_soft_triangle_histograms_equal_a_direct_reference(
 
 
 def test_compiled_atan2_is_within_an_ulp_of_numpy() -> None:
-    from pipeline.hog import _atan2
+    from pipeline.jit import atan2 as _atan2
 
     rng = np.random.default_rng(4)
     y = np.concatenate([rng.standard_normal(300), [0, 0, 1, -1, 1, 1, -1, 0.5, 2.0]])
