@@ -12,6 +12,9 @@ from functools import lru_cache
 import dask.array as da
 import numpy as np
 
+# Extraction runs the compiled loops: load them with this module, like its other imports
+# (hog and preprocess import them lazily for processes that only read features).
+from pipeline import jit  # noqa: F401
 from pipeline.catalogue import BASE_VIEW, FAMILIES, STEPS, FeatureConfig, FeatureConfigError
 from pipeline.hog import shared_orientations
 from pipeline.preprocess import to_unit_float

@@ -1,9 +1,10 @@
 """The compiled (numba) inner loops of the HOG and deskew kernels.
 
-Imported on first use by :mod:`pipeline.hog` and :mod:`pipeline.preprocess`, not at
-their import: numba costs about 0.15 s and 90 MB per process, which jobs that never run
-a kernel (train, the CLI itself) should not pay. Functions are ``nogil`` (dask threads run
-them in parallel) and cached on disk (compiled once per installation).
+Imported by :mod:`pipeline.extract` (which runs them) and otherwise on first use by
+:mod:`pipeline.hog` and :mod:`pipeline.preprocess`: numba costs about 0.15 s and 90 MB
+per process, which jobs that never run a kernel (train, the CLI itself) should not pay.
+Functions are ``nogil`` (dask threads run them in parallel) and cached on disk (compiled
+once per installation).
 
 Most loops work on "lanes": arrays with the image index last, so that every inner loop
 runs over the images of a batch with unit stride and vectorizes. No fastmath where a loop
