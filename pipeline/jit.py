@@ -43,6 +43,7 @@ _A0, _A1, _A2, _A3, _A4, _A5, _A6, _A7 = _ATAN
 
 @njit(inline="always", nogil=True, cache=True)
 def atan2(y: np.float32, x: np.float32) -> np.float32:  # pragma: no cover - compiled
+    """float32 ``arctan2(y, x)`` in [-pi, pi], within 2.5e-7 rad of numpy's; vectorizes."""
     ax = abs(x)
     ay = abs(y)
     hi = max(ax, ay)
@@ -247,16 +248,17 @@ def moments(x: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def deskew_rows(x: np.ndarray, moments: np.ndarray, center: bool) -> np.ndarray:  # pragma: no cover
-    """Compiled body of :func:`deskew`: x (n, H, W) float32, moments from :func:`moments`."""
+def deskew_rows(x: np.ndarray, m: np.ndarray, center: bool) -> np.ndarray:  # pragma: no cover
+    """Body of :func:`pipeline.preprocess.deskew`: each row of x (n, H, W) float32 shifted
+    by linear interpolation; ``m`` (n, 6) from :func:`moments`."""
     n, H, W = x.shape
     out = np.zeros((n, H, W), np.float32)
     for i in range(n):
-        cy = moments[i, 1]
-        mu20 = moments[i, 3]
-        slant = moments[i, 5] / mu20 if mu20 > 1e-2 else 0.0
+        cy = m[i, 1]
+        mu20 = m[i, 3]
+        slant = m[i, 5] / mu20 if mu20 > 1e-2 else 0.0
         dy = int(np.rint(cy - (H - 1) / 2)) if center else 0
-        dx = moments[i, 2] - (W - 1) / 2 if center else 0.0
+        dx = m[i, 2] - (W - 1) / 2 if center else 0.0
         for r in range(H):
             src = r + dy
             if src < 0 or src > H - 1:
