@@ -27,8 +27,14 @@ from pipeline.stage import temp_path
 DEFAULT_BATCH_SIZE = 2048
 
 
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (not a config/env default)."""
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+
 @app.command()
 def score(
+    ctx: typer.Context,
     source: Annotated[
         Path,
         typer.Argument(
@@ -108,7 +114,17 @@ def score(
 
     with job(log_format, log_level):
         try:
+            given = [
+                name
+                for name, option in (
+                    ("globs", "glob"),
+                    ("split", "split"),
+                    ("normalize", "normalize"),
+                )
+                if _from_command_line(ctx, option)
+            ]
             result = score_stage(
+                given=given,
                 model=model,
                 source=source,
                 out=out,

@@ -48,7 +48,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -746,6 +746,24 @@ def build_predictions(
     }
 
 
+#: Which input kinds each kind-specific option applies to, and its command-line name.
+_APPLIES_TO: dict[str, tuple[str, tuple[InputKind, ...]]] = {
+    "globs": ("--glob", ("folder",)),
+    "normalize": ("--normalize", ("folder",)),
+    "split": ("--split", ("zarr",)),
+}
+
+
+def _check_applicable(kind: InputKind, source: Path, given: Collection[str]) -> None:
+    for name in given:
+        flag, kinds = _APPLIES_TO[name]
+        if kind not in kinds:
+            raise InputError(
+                f"{flag}: applies to {' or '.join(kinds)} inputs only, got {source} "
+                f"(a {kind} input)"
+            )
+
+
 def score(
     *,
     model: Path,
@@ -760,6 +778,7 @@ def score(
     workers: int | None = None,
     force: bool = False,
     lock_timeout: float = 60.0,
+    given: Collection[str] = (),
 ) -> StageResult:
     """The ``score`` stage (see the module docstring).
 
@@ -781,6 +800,9 @@ def score(
         Inputs per task and per output part.
     resume : bool
         Continue the partial output of a killed run with the same inputs and parameters.
+    given : collection of str
+        Names of the options the user set explicitly (``globs``, ``split``, ``normalize``):
+        one that does not apply to the input's kind is an error, not silently ignored.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size: expected a positive number of images, got {batch_size}")
@@ -788,6 +810,7 @@ def score(
         raise InputError(f"--normalize: expected auto, always or never, got {normalize!r}")
     source, model, out = Path(source), Path(model), Path(out)
     kind = detect_input(source)
+    _check_applicable(kind, source, given)
     scoring = load_scoring_model(model)
     globs = tuple(globs) or DEFAULT_GLOBS
     exclude = _own_files(source, out) if kind == "folder" else frozenset()

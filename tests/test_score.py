@@ -636,6 +636,53 @@ def test_bad_usage_is_exit_2(tmp_path: Path, model_dir: Path, setup: str, fragme
     assert not (tmp_path / "p.parquet").exists()
 
 
+@pytest.mark.parametrize(
+    ("kind", "option", "expected"),
+    [
+        ("folder", ["--split", "train"], "--split: applies to zarr inputs only"),
+        ("zarr", ["--glob", "*.png"], "--glob: applies to folder inputs only"),
+        ("idx", ["--normalize", "always"], "--normalize: applies to folder inputs only"),
+        ("idx", ["--split", "test"], "--split: applies to zarr inputs only"),
+    ],
+)
+def test_options_for_another_input_kind_are_exit_2(
+    tmp_path: Path, model_dir: Path, kind: str, option: list[str], expected: str
+) -> None:
+    images = digits(3)
+    if kind == "folder":
+        write_pngs(tmp_path / "in", images)
+        src = tmp_path / "in"
+    else:
+        write_idx(tmp_path / "i", images)
+        write_idx(tmp_path / "l", np.zeros(3, np.uint8))
+        src = tmp_path / "i"
+        if kind == "zarr":
+            files = {s: SplitFiles(tmp_path / "i", tmp_path / "l") for s in ("train", "test")}
+            ingest(out=tmp_path / "s.zarr", sources=files, lock_timeout=0)
+            src = tmp_path / "s.zarr"
+    result = invoke("score", src, "--model", model_dir, "--out", tmp_path / "p.parquet", *option)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.output
+    assert str(src) in errors[0]
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_standing_settings_for_another_input_kind_are_ignored(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """A config file's score.split (for zarr scoring) must not break scoring a folder."""
+    write_pngs(tmp_path / "in", digits(4))
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[score]\nsplit = "train"\n')
+    out = tmp_path / "p.parquet"
+    result = invoke(
+        "--config", config, "score", tmp_path / "in", "--model", model_dir, "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    assert len(read(out)) == 4
+
+
 def test_library_errors_are_named(tmp_path: Path, model_dir: Path) -> None:
     with pytest.raises(ArtifactError):
         load_scoring_model(tmp_path)
