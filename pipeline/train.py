@@ -141,7 +141,7 @@ def _c_path(
 
 
 def grid_search(
-    Z: np.ndarray,
+    X: np.ndarray,
     y: np.ndarray,
     *,
     grid: Mapping[str, Sequence[Any]],
@@ -151,11 +151,14 @@ def grid_search(
     binary: bool,
     max_iter: int,
     tol: float,
-) -> tuple[list[dict[str, Any]], dict[str, Any], LogisticRegression, np.ndarray]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], LogisticRegression, tuple[np.ndarray, np.ndarray]]:
     """Score every grid point on held-out data.
 
+    ``X`` holds raw features: each fold standardizes with the mean and spread of its own
+    fitting rows, so no statistic of the validation rows leaks into the fit.
+
     Returns the grid table, the best parameters, the best hold-out model (first fold for
-    cv; used to warm-start the refit) and the indices of its validation rows.
+    cv) and that fold's standardized validation rows with their labels.
     """
     n = len(y)
     if cv:
@@ -171,14 +174,26 @@ def grid_search(
     Cs = sorted(grid["C"])
     table: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any], LogisticRegression] | None = None
-    for class_weight in grid.get("class_weight", [None]):
-        per_fold = []
-        for fit_idx, val_idx in folds:
-            per_fold.append(
+    weights = grid.get("class_weight", [None])
+    per_weight: list[list[list[tuple[float, float, int, LogisticRegression]]]] = [
+        [] for _ in weights
+    ]
+    first_val: tuple[np.ndarray, np.ndarray] | None = None
+    for fit_idx, val_idx in folds:
+        # Standardize once per fold (not per class weight): a float32 copy of the fold.
+        X_fit = X[fit_idx]
+        mean, scale = _standardize(X_fit)
+        Z_fit = _apply_scaler(X_fit, mean, scale)
+        del X_fit
+        Z_val = _apply_scaler(X[val_idx], mean, scale)
+        if first_val is None:
+            first_val = (Z_val, y[val_idx])
+        for w, class_weight in enumerate(weights):
+            per_weight[w].append(
                 _c_path(
-                    Z[fit_idx],
+                    Z_fit,
                     y[fit_idx],
-                    Z[val_idx],
+                    Z_val,
                     y[val_idx],
                     Cs=Cs,
                     class_weight=class_weight,
@@ -187,6 +202,8 @@ def grid_search(
                     tol=tol,
                 )
             )
+        del Z_fit
+    for class_weight, per_fold in zip(weights, per_weight, strict=True):
         for j, C in enumerate(Cs):
             scores = [fold[j][0] for fold in per_fold]
             row: dict[str, Any] = {
@@ -209,8 +226,8 @@ def grid_search(
             # Strictly better only: ties keep the stronger regularization (smaller C).
             if best is None or row["score"] > best[0]:
                 best = (row["score"], row["params"], per_fold[0][j][3])
-    assert best is not None
-    return table, best[1], best[2], folds[0][1]
+    assert best is not None and first_val is not None
+    return table, best[1], best[2], first_val
 
 
 def _best_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -264,16 +281,10 @@ def build_model(
         )
 
     t = time.perf_counter()
-    mean, scale = _standardize(train.X)
-    Z = _apply_scaler(train.X, mean, scale)
-    del train  # the float32 standardized copy is all that is needed from here on
-    timings["standardize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        table, best_params, best_val_model, val_idx = grid_search(
-            Z,
+        table, best_params, best_val_model, (Z_val, y_val) = grid_search(
+            train.X,
             y_train,
             grid=grid,
             validation_size=validation_size,
@@ -286,9 +297,14 @@ def build_model(
         timings["grid search"] = time.perf_counter() - t
         threshold = 0.5
         if binary:
-            threshold = _best_threshold(
-                y_train[val_idx], best_val_model.predict_proba(Z[val_idx])[:, 1]
-            )
+            threshold = _best_threshold(y_val, best_val_model.predict_proba(Z_val)[:, 1])
+        del Z_val
+
+        t = time.perf_counter()
+        mean, scale = _standardize(train.X)
+        Z = _apply_scaler(train.X, mean, scale)
+        del train  # the float32 standardized copy is all that is needed from here on
+        timings["standardize"] = time.perf_counter() - t
 
         t = time.perf_counter()
         # A cold refit: starting from the hold-out solution stops lbfgs (at the same tol)

@@ -15,7 +15,7 @@ from jobs.cli import app
 from pipeline.errors import InputError
 from pipeline.model import load_model
 from pipeline.parquet import read_features
-from pipeline.train import DEFAULT_GRID, parse_grid, train
+from pipeline.train import DEFAULT_GRID, grid_search, parse_grid, train
 
 SMALL_GRID = {"C": [0.01, 1.0], "class_weight": [None]}
 
@@ -110,6 +110,27 @@ def test_cv_mode_and_determinism(learnable_features, tmp_path: Path) -> None:  #
         features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1
     )
     assert again.skipped
+
+
+@pytest.mark.parametrize("cv", [None, 3])
+def test_grid_search_scales_each_fold_with_its_fitting_rows_only(cv: int | None) -> None:
+    rng = np.random.default_rng(0)
+    n, k = 300, 5
+    y = np.arange(n) % 3
+    X = (rng.standard_normal((n, k)) + y[:, None]).astype(np.float32)
+    X[-60:, 0] += 100.0  # the hold-out rows differ wildly in feature 0
+    _, _, _, (Z_val, y_val) = grid_search(
+        X, y, grid={"C": [1.0]}, validation_size=60, cv=cv, seed=0, binary=False,
+        max_iter=200, tol=1e-4,
+    )  # fmt: skip
+    if cv is None:
+        fit, val = X[:-60], X[-60:]
+        want = (val - fit.mean(axis=0)) / fit.std(axis=0)
+        np.testing.assert_allclose(Z_val, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(y_val, y[-60:])
+        assert Z_val[:, 0].mean() > 50  # scaled with the fitting rows' spread only
+    else:
+        assert len(Z_val) == len(y_val) == n // cv
 
 
 def test_parse_grid() -> None:
