@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +12,7 @@ from pipeline.errors import DatasetMismatchError, IdxFormatError, InputError
 from pipeline.fetch import MNIST_FILES, content_digest
 from pipeline.idx import iter_idx, read_header, read_idx
 from pipeline.logs import get_logger, progress
-from pipeline.stage import StageResult, run_stage
+from pipeline.stage import StageResult, run_stage, signals_deferred
 from pipeline.store import create_split, create_store
 
 log = get_logger("ingest")
@@ -42,43 +38,6 @@ def default_sources(raw_dir: Path) -> dict[str, SplitFiles]:
         "train": SplitFiles(pick(names[0]), pick(names[1])),
         "test": SplitFiles(pick(names[2]), pick(names[3])),
     }
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back during one zarr write; they take effect right after it.
-
-    zarr performs a write on its own event-loop thread while the main thread waits. A
-    signal handled during that wait would raise in the main thread and the stage would
-    remove the temporary store while the write goes on, leaving stray chunks behind.
-    The Python-level handlers are swapped (blocking the signal in the main thread is not
-    enough: another thread may receive it and the handler still runs in the main thread).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def record(signum: int, frame: Any) -> None:
-        received.append(signum)
-
-    previous: dict[int, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if handler is not None:  # None: installed outside Python, leave it alone
-            previous[signum] = handler
-            signal.signal(signum, record)
-    try:
-        yield
-    finally:
-        for num, old in previous.items():
-            signal.signal(num, old)
-        if received:
-            first = previous[received[0]]
-            if callable(first):
-                first(received[0], None)
-            elif first == signal.SIG_DFL:
-                signal.raise_signal(received[0])
 
 
 def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -140,7 +99,7 @@ def build_store(
                 "content_sha256": digest,
                 "content_bytes": size,
             }
-    with _signals_deferred():
+    with signals_deferred():
         root = create_store(
             out,
             attributes={
@@ -155,7 +114,7 @@ def build_store(
     for split, files in sources.items():
         count, _, dtype = headers[split]
         labels = _check_labels(files.labels, read_idx(files.labels), num_classes)
-        with _signals_deferred():
+        with signals_deferred():
             images_arr, labels_arr = create_split(
                 root,
                 split,
@@ -169,7 +128,7 @@ def build_store(
         start = 0
         with progress(log, f"ingest {split} images", total=count, unit="images") as advance:
             for chunk in iter_idx(files.images, rows_per_chunk=images_arr.chunks[0]):
-                with _signals_deferred():
+                with signals_deferred():
                     images_arr[start : start + len(chunk)] = chunk
                 start += len(chunk)
                 advance(len(chunk))

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -171,6 +172,10 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's kill) raises :class:`Terminated` in the main thread,
+    like Ctrl-C raises KeyboardInterrupt, so the runner cleans up the temporary output
+    either way. Writes that must not be cut short use :func:`signals_deferred`."""
+
     def handler(signum: int, frame: Any) -> None:
         raise Terminated(f"received signal {signum}")
 
@@ -183,6 +188,45 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back during one write; they take effect right after it.
+
+    The other half of the runner's signal handling (see :func:`_terminate_as_interrupt`):
+    a stage's build may wrap a write that runs on another thread in this block. zarr, for
+    one, writes on its own event-loop thread while the main thread waits; a signal handled
+    during that wait would raise in the main thread and the runner would remove the
+    temporary output while the write goes on, leaving stray chunks behind.
+    The Python-level handlers are swapped (blocking the signal in the main thread is not
+    enough: another thread may receive it and the handler still runs in the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed outside Python, leave it alone
+            previous[signum] = handler
+            signal.signal(signum, record)
+    try:
+        yield
+    finally:
+        for num, old in previous.items():
+            signal.signal(num, old)
+        if received:
+            first = previous[received[0]]
+            if callable(first):
+                first(received[0], None)
+            elif first == signal.SIG_DFL:
+                signal.raise_signal(received[0])
 
 
 def _remove(path: Path) -> None:

@@ -27,6 +27,7 @@ from pipeline.stage import (
     output_lock,
     read_manifest,
     run_stage,
+    signals_deferred,
     temp_path,
 )
 
@@ -447,3 +448,15 @@ def test_stale_old_output_from_a_crashed_swap_is_removed(tmp_path: Path) -> None
     (stale / "x").write_text("left by a crash between the two renames")
     run_stage("t", output=out, inputs={}, params={}, build=lambda p: p.mkdir() or None)
     assert out.is_dir() and not stale.exists()
+
+
+def test_signals_deferred_hold_ctrl_c_until_the_write_is_done() -> None:
+    import signal
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler has run by now: it only recorded the signal
+        steps.append("write finished")
+    assert steps == ["write finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
