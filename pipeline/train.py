@@ -99,8 +99,10 @@ def _standardize(X: np.ndarray, *, block: int = 4096) -> tuple[np.ndarray, np.nd
     return mean, scale
 
 
-def _apply_scaler(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    out = X - mean.astype(np.float32)
+def _apply_scaler(
+    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, *, in_place: bool = False
+) -> np.ndarray:
+    out = np.subtract(X, mean.astype(np.float32), out=X if in_place else None)
     out /= scale.astype(np.float32)
     return out
 
@@ -169,8 +171,8 @@ def grid_search(
             raise InputError(
                 f"--validation-size: expected 0 < size < {n} training images, got {validation_size}"
             )
-        idx = np.arange(n)
-        folds = [(idx[: n - validation_size], idx[n - validation_size :])]
+        # Slices, not index arrays: the fitting rows are then a view of X, not a copy.
+        folds = [(slice(0, n - validation_size), slice(n - validation_size, n))]
     Cs = sorted(grid["C"])
     table: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any], LogisticRegression] | None = None
@@ -180,10 +182,11 @@ def grid_search(
     ]
     first_val: tuple[np.ndarray, np.ndarray] | None = None
     for fit_idx, val_idx in folds:
-        # Standardize once per fold (not per class weight): a float32 copy of the fold.
+        # Standardize once per fold (not per class weight), into a single float32 copy:
+        # in place when indexing already copied the rows.
         X_fit = X[fit_idx]
         mean, scale = _standardize(X_fit)
-        Z_fit = _apply_scaler(X_fit, mean, scale)
+        Z_fit = _apply_scaler(X_fit, mean, scale, in_place=not np.shares_memory(X_fit, X))
         del X_fit
         Z_val = _apply_scaler(X[val_idx], mean, scale)
         if first_val is None:
