@@ -111,6 +111,14 @@ def root(
     ctx.obj = {"config": str(config) if config else None}
 
 
+def option_origin(ctx: Any, name: str) -> str:
+    """Where option ``name`` got its value: ``cli``, ``env``, ``config`` or ``default``."""
+    source = ctx.get_parameter_source(name)
+    return {"COMMANDLINE": "cli", "ENVIRONMENT": "env", "DEFAULT_MAP": "config"}.get(
+        getattr(source, "name", ""), "default"
+    )
+
+
 def one_blas_thread() -> None:
     """Make BLAS libraries loaded from now on start a single thread (a user's own
     ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` win).
@@ -161,10 +169,6 @@ def config_show(ctx: typer.Context) -> None:
         for param in cmd.params:
             if param.param_type_name != "option" or param.name in (None, "help"):
                 continue
-            source = sub.get_parameter_source(param.name)
-            origin = {"COMMANDLINE": "cli", "ENVIRONMENT": "env", "DEFAULT_MAP": "config"}.get(
-                getattr(source, "name", ""), "default"
-            )
             value = sub.params.get(param.name)
-            typer.echo(f"{param.name} = {value!r}  # {origin}")
+            typer.echo(f"{param.name} = {value!r}  # {option_origin(sub, param.name)}")
         typer.echo("")

@@ -17,6 +17,7 @@ from jobs.app import (
     app,
     job,
     one_blas_thread,
+    option_origin,
     report,
 )
 from pipeline.images import DEFAULT_GLOBS
@@ -25,11 +26,6 @@ from pipeline.stage import temp_path
 # Keep in step with pipeline.score.DEFAULT_BATCH_SIZE (not imported here: pipeline.score
 # pulls in dask and the feature kernels, which would slow every CLI start-up).
 DEFAULT_BATCH_SIZE = 2048
-
-
-def _from_command_line(ctx: typer.Context, name: str) -> bool:
-    """Whether option ``name`` was typed on the command line (not a config/env default)."""
-    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
 
 
 @app.command()
@@ -114,6 +110,7 @@ def score(
 
     with job(log_format, log_level):
         try:
+            # Typed on the command line: a config/env value is a standing default instead.
             given = [
                 name
                 for name, option in (
@@ -121,7 +118,7 @@ def score(
                     ("split", "split"),
                     ("normalize", "normalize"),
                 )
-                if _from_command_line(ctx, option)
+                if option_origin(ctx, option) == "cli"
             ]
             result = score_stage(
                 given=given,

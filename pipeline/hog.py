@@ -25,7 +25,10 @@ import numpy as np
 
 from pipeline.preprocess import to_unit_float
 
-NORMS = ("l2-hys", "l2", "none")
+#: Rounds of L2 normalisation per block, by norm: L2-Hys normalises, clips at 0.2 and
+#: normalises again.
+_NORM_ROUNDS = {"l2-hys": 2, "l2": 1, "none": 0}
+NORMS = tuple(_NORM_ROUNDS)
 SPATIAL = ("box", "triangle")
 
 
@@ -251,7 +254,7 @@ def _normalize_lanes(
         raise ValueError(f"expected power > 0, got {power}")
     if eps <= 0:
         raise ValueError(f"expected eps > 0 (blank blocks would divide by zero), got {eps}")
-    return _jit().blocks_lanes(hist, block, 2 - NORMS.index(norm), eps, power)
+    return _jit().blocks_lanes(hist, block, _NORM_ROUNDS[norm], eps, power)
 
 
 def hog_features(

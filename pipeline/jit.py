@@ -159,13 +159,13 @@ def pool_lanes(
 
 @njit(nogil=True, cache=True)
 def blocks_lanes(
-    hist: np.ndarray, block: int, norm: int, eps: float, power: float
+    hist: np.ndarray, block: int, rounds: int, eps: float, power: float
 ) -> np.ndarray:  # pragma: no cover - compiled
     """Lanes cell histograms (cy, cx, B, n) -> block descriptors (n, K) float32.
 
-    ``norm``: 0 none, 1 L2, 2 L2-Hys (index in :data:`NORMS` from the end); ``block`` 0 is
-    one block of all cells. Histograms are raised to ``power`` first. Each block is
-    normalised in lanes, then written out image by image (contiguous rows).
+    ``rounds`` of L2 normalisation: 0 none, 1 L2, 2 L2-Hys (the second after clipping at
+    0.2); ``block`` 0 is one block of all cells. Histograms are raised to ``power`` first.
+    Each block is normalised in lanes, then written out image by image (contiguous rows).
     """
     cy, cx, B, n = hist.shape
     if block == 0:
@@ -179,7 +179,6 @@ def blocks_lanes(
     p = np.float32(power)
     ss = np.empty(n, np.float32)
     v = np.empty((d, n), np.float32)
-    rounds = 0 if norm == 0 else (1 if norm == 1 else 2)
     for y in range(by):
         for x in range(bx):
             k = 0
