@@ -13,6 +13,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.catalogue import FeatureConfig, columns
@@ -21,21 +22,34 @@ from pipeline.extract import feature_widths, features_dask
 from pipeline.logs import get_logger
 from pipeline.parallel import compute_tasks
 from pipeline.parquet import COMPRESSION, COMPRESSIONS, feature_schema, feature_table, write_table
+from pipeline.paths import local_path
 from pipeline.stage import StageResult, run_stage
-from pipeline.store import SPLITS, open_store, split_arrays
+from pipeline.store import SPLITS, open_store, strict_arrays
 
 FORMAT = "mnist-pipeline/features/1"
 log = get_logger("features")
 
 
 def _write_part(
-    X: np.ndarray, labels: np.ndarray, start: int, path: Path, *, compression: str, **kw: Any
-) -> int:
+    X: np.ndarray,
+    labels: np.ndarray,
+    start: int,
+    path: Path,
+    *,
+    schema_ipc: bytes,
+    compression: str,
+    **kw: Any,
+) -> dict[str, Any]:
+    """Write one part; returns its manifest entry (name, split, rows, crc32c)."""
+    # The schema travels serialized: a pickled pyarrow schema loses the `not null` of its
+    # list items on the way to a dask.distributed worker.
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_ipc))
     image_id = np.arange(start, start + X.shape[0], dtype=np.int64)
-    write_table(
-        path, feature_table(X, image_id=image_id, labels=labels, **kw), compression=compression
-    )
-    return X.shape[0]
+    crc = write_table(
+        path, feature_table(X, image_id=image_id, labels=labels, schema=schema, **kw),
+        compression=compression,
+    )  # fmt: skip
+    return {"name": path.name, "split": kw["split"], "rows": int(X.shape[0]), "crc32c": crc}
 
 
 def build_features(
@@ -48,7 +62,11 @@ def build_features(
     scheduler: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Write the feature dataset of ``splits`` of ``store`` into the folder ``out``."""
+    """Write the feature dataset of ``splits`` of ``store`` into the folder ``out``.
+
+    ``store`` and ``out`` must be absolute: tasks may run on workers whose working
+    directory is another.
+    """
     root = open_store(store)
     shape_attr: Any = root.attrs["image_shape"]
     image_shape = tuple(int(s) for s in shape_attr)
@@ -68,13 +86,14 @@ def build_features(
         "store_sources": root.attrs.get("sources"),
         "pipeline_version": __version__,
     }
-    schema = feature_schema(layout, meta)
+    schema_ipc = feature_schema(layout, meta).serialize().to_pybytes()
     out.mkdir(parents=True)
     tasks, weights, rows = [], [], {}
     for split in splits:
-        images_z, labels_z = split_arrays(root, split)
-        labels = np.asarray(labels_z[:])
-        images = da.from_zarr(images_z)
+        images_s, labels_s = strict_arrays(store, split)
+        labels = labels_s[:]
+        # Strict reads inside the tasks: a chunk missing on the worker is an error there.
+        images = da.from_array(images_s, chunks=images_s.chunks, asarray=True, lock=False)
         X = features_dask(images, config)
         starts = np.cumsum((0, *X.chunks[0]))
         for i, block in enumerate(X.to_delayed().ravel()):
@@ -89,13 +108,13 @@ def build_features(
                     path,
                     split=split,
                     columns=layout,
-                    schema=schema,
+                    schema_ipc=schema_ipc,
                     compression=compression,
                 )
             )
             weights.append(b - a)
         rows[split] = int(images.shape[0])
-    compute_tasks(
+    parts = compute_tasks(
         tasks,
         weights=weights,
         logger=log,
@@ -107,7 +126,8 @@ def build_features(
         "rows": rows,
         "features": int(sum(widths.values())),
         "columns": len(layout) + 3,
-        "parts": len(tasks),
+        "parts": len(parts),
+        "part_files": parts,
         "config_hash": config.hash,
         "widths": widths,
     }
@@ -128,6 +148,7 @@ def features(
     """The ``features`` stage (see the module docstring)."""
     if compression not in COMPRESSIONS:
         raise InputError(f"--compression: expected one of {COMPRESSIONS}, got {compression!r}")
+    store, out = local_path(store, what="store"), local_path(out, what="output")
     return run_stage(
         "features",
         output=out,

@@ -15,6 +15,7 @@ predicting garbage.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ArtifactError
-from pipeline.fingerprint import sha256_bytes, sha256_file
+from pipeline.fingerprint import sha256_bytes
 
 FORMAT = "mnist-pipeline/linear-model/1"
 _ARRAYS = ("mean", "scale", "coef", "intercept", "classes")
@@ -118,6 +119,13 @@ def save_model(model: LinearModel, folder: Path) -> None:
 
 def load_model(folder: Path) -> LinearModel:
     """Load and verify an artifact written by :func:`save_model`."""
+    return load_model_with_digest(folder)[0]
+
+
+def load_model_with_digest(folder: Path) -> tuple[LinearModel, str]:
+    """Load and verify an artifact; also return the sha256 of the bytes it was read from
+    (``model.json`` then ``model.npz``), each file read once, so a caller can record
+    exactly which model it used even when the artifact is rewritten meanwhile."""
     folder = Path(folder)
     json_path, npz_path = folder / "model.json", folder / "model.npz"
     if not json_path.is_file() or not npz_path.is_file():
@@ -126,44 +134,119 @@ def load_model(folder: Path) -> LinearModel:
             f"{'no such folder' if not folder.is_dir() else 'missing files'} (run train first)"
         )
     try:
-        doc = json.loads(json_path.read_text())
+        json_bytes, npz_bytes = json_path.read_bytes(), npz_path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{folder}: expected readable model files, got {e}") from None
+    digest = hashlib.sha256(json_bytes + b"\0" + npz_bytes).hexdigest()
+    return _parse(json_path, json_bytes, npz_path, npz_bytes), digest
+
+
+def _parse(json_path: Path, json_bytes: bytes, npz_path: Path, npz_bytes: bytes) -> LinearModel:
+    try:
+        doc = json.loads(json_bytes)
     except ValueError as e:
         raise ArtifactError(f"{json_path}: expected JSON, got {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ArtifactError(f"{json_path}: expected format {FORMAT!r}, got {got!r}")
-    digest = sha256_file(npz_path)
+    digest = sha256_bytes(npz_bytes)
     if digest != doc.get("npz_sha256"):
         raise ArtifactError(
             f"{npz_path}: expected sha256 {str(doc.get('npz_sha256'))[:16]}..., got "
             f"{digest[:16]}... (the artifact was modified or is corrupt)"
         )
     try:
-        with np.load(npz_path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(npz_bytes), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in _ARRAYS}
     except (ValueError, KeyError, OSError) as e:
         raise ArtifactError(f"{npz_path}: expected arrays {_ARRAYS}, got {e}") from None
-    K = int(doc.get("n_features", -1))
-    n_out = 1 if doc.get("mode") == "binary" else len(arrays["classes"])
+    _check_doc(json_path, doc)
+    K = int(doc["n_features"])
+    n_out = 1 if doc["mode"] == "binary" else len(arrays["classes"])
     expected = {"mean": (K,), "scale": (K,), "coef": (n_out, K), "intercept": (n_out,)}
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise ArtifactError(
                 f"{npz_path}: expected {name} of shape {shape}, got {arrays[name].shape}"
             )
+    _check_arrays(npz_path, arrays, doc)
     meta = {
         k: v
         for k, v in doc.items()
         if k not in ("format", "mode", "threshold", "positive_class", "npz_sha256")
     }
     return LinearModel(
-        mean=arrays["mean"],
-        scale=arrays["scale"],
-        coef=arrays["coef"],
-        intercept=arrays["intercept"],
+        mean=arrays["mean"].astype(np.float64),
+        scale=arrays["scale"].astype(np.float64),
+        coef=arrays["coef"].astype(np.float64),
+        intercept=arrays["intercept"].astype(np.float64),
         classes=arrays["classes"].astype(np.int64),
         mode=str(doc["mode"]),
         threshold=float(doc.get("threshold", 0.5)),
         positive_class=doc.get("positive_class"),
         meta=meta,
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_doc(path: Path, doc: dict[str, Any]) -> None:
+    """The fields of ``model.json`` that prediction depends on have the right types."""
+    mode = doc.get("mode")
+    if mode not in ("multiclass", "binary"):
+        raise ArtifactError(f"{path}: expected mode 'multiclass' or 'binary', got {mode!r}")
+    n = doc.get("n_features")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ArtifactError(f"{path}: expected n_features a positive integer, got {n!r}")
+    threshold = doc.get("threshold", 0.5)
+    if (
+        not isinstance(threshold, int | float)
+        or isinstance(threshold, bool)
+        or not 0.0 <= threshold <= 1.0
+    ):
+        raise ArtifactError(f"{path}: expected threshold a number in [0, 1], got {threshold!r}")
+    positive = doc.get("positive_class")
+    if positive is not None and not _is_int(positive):
+        raise ArtifactError(f"{path}: expected an integer positive_class, got {positive!r}")
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
+        raise ArtifactError(f"{path}: expected classes a list of integers, got {classes!r}")
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], doc: dict[str, Any]) -> None:
+    """Values a tampered or broken training could leave that would predict garbage."""
+    for name in ("mean", "scale", "coef", "intercept"):
+        a = arrays[name]
+        if a.dtype.kind != "f":
+            raise ArtifactError(f"{path}: expected {name} of floats, got dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ArtifactError(
+                f"{path}: expected finite {name}, got {int(np.count_nonzero(~np.isfinite(a)))} "
+                "NaN or infinite values"
+            )
+    if (arrays["scale"] <= 0).any():
+        raise ArtifactError(
+            f"{path}: expected positive scale, got {int(np.count_nonzero(arrays['scale'] <= 0))} "
+            "values <= 0"
+        )
+    classes = arrays["classes"]
+    if classes.dtype.kind not in "iu" or classes.ndim != 1 or classes.size < 2:
+        raise ArtifactError(
+            f"{path}: expected at least 2 integer classes, got {classes.dtype} of shape "
+            f"{classes.shape}"
+        )
+    if (np.diff(classes) <= 0).any():
+        raise ArtifactError(
+            f"{path}: expected distinct classes in increasing order, got {classes.tolist()}"
+        )
+    if classes.tolist() != doc["classes"]:
+        raise ArtifactError(
+            f"{path}: expected the classes model.json lists ({doc['classes']}), got "
+            f"{classes.tolist()}"
+        )
+    if doc["mode"] == "binary" and classes.tolist() != [0, 1]:
+        raise ArtifactError(
+            f"{path}: expected classes [0, 1] in binary mode, got {classes.tolist()}"
+        )

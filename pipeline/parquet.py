@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.catalogue import Column
 from pipeline.errors import ConfigMismatchError, StoreError
+from pipeline.paths import manifest_path
 
 META_KEY = b"mnist_pipeline"
 #: Parquet codecs the features stage offers (every parquet reader supports them).
@@ -99,25 +101,39 @@ def _from_buffers(kind: pa.DataType, n: int, *buffers: Any) -> pa.Array:
     return pa.Array.from_buffers(kind, n, [None, *(pa.py_buffer(b) for b in buffers)])
 
 
-def write_table(path: Path, table: pa.Table, *, compression: str = COMPRESSION) -> Path:
+def write_table(path: Path, table: pa.Table, *, compression: str = COMPRESSION) -> str:
     """Write one parquet file (a single row group) with ``compression`` in
-    :data:`COMPRESSIONS`."""
+    :data:`COMPRESSIONS`; returns the file's :func:`part_checksum`."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"expected compression in {COMPRESSIONS}, got {compression!r}")
     rows = max(1, table.num_rows)
     # Still one row group, but arrow encodes it a slice at a time: its per-value level
     # buffers then stay in cache instead of being regrown for the whole part.
     table = pa.Table.from_batches(table.to_batches(max_chunksize=WRITE_SLICE), table.schema)
+    sink = pa.BufferOutputStream()  # encoded in memory, so the checksum needs no re-read
     pq.write_table(
         table,
-        path,
+        sink,
         compression=compression,
         row_group_size=rows,
         # Dictionary-encoding float features is wasted work (every value is distinct).
         use_dictionary=["split"],
         write_statistics=["image_id", "split", "label"],
     )
-    return path
+    data = sink.getvalue().to_pybytes()  # crc32c takes bytes only (a ~1 ms copy per part)
+    with Path(path).open("wb") as f:
+        f.write(data)
+    return part_checksum(data)
+
+
+def part_checksum(data: bytes) -> str:
+    """CRC-32C of a part file's bytes, as 8 hex digits.
+
+    CRC-32C, not sha256: it detects a changed, truncated or swapped part as surely for
+    this purpose, and runs on the CPU's CRC instruction (400 MB in 0.08 s here, sha256
+    0.29 s: a fifth of the features stage).
+    """
+    return f"{google_crc32c.value(data):08x}"
 
 
 def part_files(folder: Path, split: str | None = None) -> list[Path]:
@@ -126,15 +142,78 @@ def part_files(folder: Path, split: str | None = None) -> list[Path]:
     return sorted(Path(folder).glob(pattern))
 
 
+def _schema_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
+    meta = schema.metadata or {}
+    if META_KEY not in meta:
+        raise StoreError(f"{path}: expected '{META_KEY.decode()}' schema metadata, got none")
+    return dict(json.loads(meta[META_KEY]))
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
-    """The ``mnist_pipeline`` schema metadata of a feature dataset."""
+    """The ``mnist_pipeline`` schema metadata of a feature dataset (of its first part)."""
     files = part_files(folder)
     if not files:
         raise StoreError(f"expected parquet part files in {folder}, got none (run features first)")
-    meta = pq.read_schema(files[0]).metadata or {}
-    if META_KEY not in meta:
-        raise StoreError(f"{files[0]}: expected '{META_KEY.decode()}' schema metadata, got none")
-    return dict(json.loads(meta[META_KEY]))
+    try:
+        schema = pq.read_schema(files[0])
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{files[0]}: expected a parquet file, got {e}") from None
+    return _schema_meta(files[0], schema)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part file as the features manifest lists it."""
+
+    name: str
+    split: str
+    rows: int
+    crc32c: str
+
+
+def listed_parts(folder: Path) -> list[Part]:
+    """The parts that the ``features`` manifest beside ``folder`` lists, after checking
+    that the folder holds exactly those part files.
+
+    Raises :class:`StoreError` when there is no complete features manifest, or when a
+    listed part is missing or an unlisted one is present (a part deleted, or copied in
+    from another run).
+    """
+    folder = Path(folder)
+    where = manifest_path(folder.absolute())
+    try:
+        manifest = json.loads(where.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    parts = ((manifest or {}).get("result") or {}).get("part_files")
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("stage") != "features"
+        or manifest.get("status") != "complete"
+        or not isinstance(parts, list)
+    ):
+        raise StoreError(
+            f"{folder}: expected a complete features manifest listing its parts at {where}, "
+            "got none (run features again to write the dataset with one)"
+        )
+    try:
+        listed = [Part(**p) for p in parts]
+    except TypeError as e:
+        raise StoreError(
+            f"{where}: expected parts with name, split, rows, crc32c, got {e}"
+        ) from None
+    present = {p.name for p in part_files(folder)}
+    names = {p.name for p in listed}
+    if present != names:
+        missing, extra = sorted(names - present), sorted(present - names)
+        raise StoreError(
+            f"{folder}: expected the {len(names)} part files its manifest lists, got "
+            + "; ".join(
+                ([f"missing {missing}"] if missing else [])
+                + ([f"unlisted {extra}"] if extra else [])
+            )
+        )
+    return listed
 
 
 @dataclass(frozen=True)
@@ -147,32 +226,66 @@ class FeatureSet:
     meta: dict[str, Any]
 
 
+def _read_part(folder: Path, part: Part, *, config_hash: str) -> pa.Table:
+    """One part, checked against its manifest entry: checksum, rows and configuration."""
+    path = folder / part.name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: expected a readable part file, got {e.strerror or e}") from None
+    got = part_checksum(data)
+    if got != part.crc32c:
+        raise StoreError(
+            f"{path}: expected crc32c {part.crc32c} as the features manifest lists, got {got} "
+            "(the part was changed or replaced after features wrote it)"
+        )
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{path}: expected a parquet file, got {e}") from None
+    if table.num_rows != part.rows:
+        raise StoreError(f"{path}: expected {part.rows} rows, got {table.num_rows}")
+    got_hash = _schema_meta(path, table.schema).get("config_hash")
+    if got_hash != config_hash:
+        raise StoreError(
+            f"{path}: expected features of configuration {config_hash[:12]} like the rest "
+            f"of the dataset, got {str(got_hash)[:12]}"
+        )
+    return table
+
+
 def read_features(folder: Path, *, split: str, expected_hash: str | None = None) -> FeatureSet:
     """Read one split of a feature dataset into memory as a dense matrix.
 
+    Every part is checked against the features manifest (:func:`listed_parts`): its
+    checksum, row count and configuration; the split's ``image_id`` must be ``0 .. n-1``
+    in order, so no image is missing or repeated.
+
     Raises :class:`ConfigMismatchError` when ``expected_hash`` is given and the features
-    were made with another configuration.
+    were made with another configuration, :class:`StoreError` when the dataset is not
+    what its manifest says.
     """
     folder = Path(folder)
     meta = read_meta(folder)
-    if expected_hash is not None and meta.get("config_hash") != expected_hash:
+    parts = [p for p in listed_parts(folder) if p.split == split]
+    config_hash = str(meta.get("config_hash"))
+    if expected_hash is not None and config_hash != expected_hash:
         raise ConfigMismatchError(
             f"{folder}: expected features of configuration {expected_hash[:12]}, "
-            f"got {str(meta.get('config_hash'))[:12]} (re-run features with the model's "
+            f"got {config_hash[:12]} (re-run features with the model's "
             "feature configuration)"
         )
-    files = part_files(folder, split)
-    if not files:
+    if not parts:
         raise StoreError(f"{folder}: expected {split}-*.parquet part files, got none")
     layout = [Column(**c) for c in meta["columns"]]
     K = layout[-1].stop if layout else 0
-    tables = [pq.read_table(f) for f in files]
-    n = sum(t.num_rows for t in tables)
+    n = sum(p.rows for p in parts)
     X = np.empty((n, K), np.float32)
     y = np.empty(n, np.int64)
     ids = np.empty(n, np.int64)
     row = 0
-    for t in tables:
+    for part in parts:
+        t = _read_part(folder, part, config_hash=config_hash)
         m = t.num_rows
         y[row : row + m] = t.column("label").to_numpy()
         ids[row : row + m] = t.column("image_id").to_numpy()
@@ -189,4 +302,11 @@ def read_features(folder: Path, *, split: str, expected_hash: str | None = None)
                     X[r : r + c, col.start] = chunk.to_numpy(zero_copy_only=False)
                 r += c
         row += m
+        del t
+    if not np.array_equal(ids, np.arange(n)):
+        bad = int(np.flatnonzero(ids != np.arange(n))[0])
+        raise StoreError(
+            f"{folder}: expected {split} image ids 0..{n - 1} in order, got {ids[bad]} at row "
+            f"{bad} (parts repeat or miss images)"
+        )
     return FeatureSet(X=X, y=y, image_id=ids, meta=meta)

@@ -77,11 +77,12 @@ from pipeline.images import (
     to_mnist,
 )
 from pipeline.logs import get_logger, progress
-from pipeline.model import LinearModel, load_model
+from pipeline.model import LinearModel, load_model_with_digest
 from pipeline.parallel import executor
 from pipeline.parquet import META_KEY
+from pipeline.paths import local_path
 from pipeline.stage import StageResult, manifest_path, run_stage, temp_path
-from pipeline.store import open_store, split_arrays
+from pipeline.store import StrictArray, open_store, strict_arrays
 
 InputKind = Literal["folder", "zarr", "idx"]
 FORMAT = "mnist-pipeline/predictions/1"
@@ -129,8 +130,13 @@ def load_scoring_model(folder: Path) -> ScoringModel:
     its feature configuration cannot be loaded or does not match its recorded hash, or its
     classes do not fit the int16 ``prediction`` column.
     """
+    return load_scoring_model_with_digest(folder)[0]
+
+
+def load_scoring_model_with_digest(folder: Path) -> tuple[ScoringModel, str]:
+    """:func:`load_scoring_model`, and the sha256 of the bytes the model was read from."""
     folder = Path(folder)
-    model = load_model(folder)
+    model, digest = load_model_with_digest(folder)
     where = folder / "model.json"
     raw = model.meta.get("feature_config")
     if not isinstance(raw, dict):
@@ -155,7 +161,30 @@ def load_scoring_model(folder: Path) -> ScoringModel:
     info = np.iinfo(np.int16)
     if model.classes.size and (model.classes.min() < info.min or model.classes.max() > info.max):
         raise ArtifactError(f"{where}: expected int16 class labels, got {model.classes.tolist()}")
-    return ScoringModel(model=model, config=config, folder=folder)
+    return ScoringModel(model=model, config=config, folder=folder), digest
+
+
+class _ModelUnderLock:
+    """The model as the stage runner fingerprints it, under the output's lock.
+
+    The runner calls :meth:`fingerprint` once the lock is held; the model is loaded from
+    the same bytes that are hashed, so the predictions and the manifest always name the
+    same model, even when the model was retrained while this run waited for the lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._loaded: ScoringModel | None = None
+
+    def fingerprint(self) -> str:
+        self._loaded, digest = load_scoring_model_with_digest(self.folder)
+        return digest
+
+    @property
+    def loaded(self) -> ScoringModel:
+        if self._loaded is None:
+            raise AssertionError("the model is loaded when the runner fingerprints it")
+        return self._loaded
 
 
 def check_image_shape(scoring: ScoringModel, image_shape: tuple[int, int]) -> None:
@@ -521,8 +550,9 @@ def score_zarr_batch(index: int, images: Any, *, start: int, stop: int, **kw: An
     return score_array_batch(index, np.asarray(images[start:stop]), start=start, **kw)
 
 
-def _zarr_images(job: _Job) -> Any:
-    return split_arrays(open_store(job.source), job.split)[0]
+def _zarr_images(job: _Job) -> StrictArray:
+    open_store(job.source)  # the store's format, and that every chunk is there
+    return strict_arrays(job.source, job.split)[0]
 
 
 # ---------------------------------------------------------------------------- executing
@@ -808,58 +838,67 @@ def score(
         raise InputError(f"--batch-size: expected a positive number of images, got {batch_size}")
     if normalize not in ("auto", "always", "never"):
         raise InputError(f"--normalize: expected auto, always or never, got {normalize!r}")
-    source, model, out = Path(source), Path(model), Path(out)
+    source = local_path(source, what="INPUT")
+    model = local_path(model, what="model")
+    out = local_path(out, what="output")
     kind = detect_input(source)
     _check_applicable(kind, source, given)
-    scoring = load_scoring_model(model)
     globs = tuple(globs) or DEFAULT_GLOBS
     exclude = _own_files(source, out) if kind == "folder" else frozenset()
-    job = _Job(
-        kind, source, scoring, globs, split, normalize, batch_size, scheduler, workers, exclude
-    )
-    if kind == "folder":
-        glob_matcher(globs)  # validate before the stage starts
-        n_stored = 0
-        check_image_shape(scoring, MNIST_SHAPE)
-    else:
+
+    def make_job(scoring: ScoringModel) -> tuple[_Job, int]:
+        """The job for ``scoring``, and how many stored images a zarr or idx input has."""
+        job = _Job(
+            kind, source, scoring, globs, split, normalize, batch_size, scheduler, workers, exclude
+        )
+        if kind == "folder":
+            check_image_shape(scoring, MNIST_SHAPE)
+            return job, 0
         n_stored, height, width = _input_shape(job)
         check_image_shape(scoring, (height, width))
-    params: dict[str, Any] = {
-        "input_kind": kind,
-        "batch_size": batch_size,
-        "feature_config_hash": scoring.config.hash,
-    }
+        return job, n_stored
+
+    # Fail fast on a bad model or input, before waiting for the lock; what is scored is
+    # the model as read again under the lock (see _ModelUnderLock).
+    if kind == "folder":
+        glob_matcher(globs)
+    make_job(load_scoring_model(model))
+    params: dict[str, Any] = {"input_kind": kind, "batch_size": batch_size}
     if kind == "folder":
         params.update(globs=list(globs), normalize=normalize)
     elif kind == "zarr":
         params["split"] = split
+    model_input = _ModelUnderLock(model)
     fingerprints: dict[str, str] = {}
     counts: dict[str, int] = {}
 
     def fingerprint(path: Path) -> str:
-        if Path(path) == source:
+        if path == source:
             if kind == "folder":
                 digest, counts["files"] = folder_fingerprint(path, globs=globs, exclude=exclude)
             else:
                 digest = content_fingerprint(path)
             fingerprints["input"] = digest
         else:
-            digest = fingerprints["model"] = content_fingerprint(path)
+            digest = fingerprints["model"] = model_input.fingerprint()
         return digest
 
-    meta = {
-        "format": FORMAT,
-        "pipeline_version": __version__,
-        "model": os.fspath(model),
-        "model_mode": scoring.model.mode,
-        "positive_class": scoring.model.positive_class,
-        "threshold": scoring.model.threshold,
-        "classes": scoring.classes,
-        "input": os.fspath(source),
-        **params,
-    }
-
     def build(tmp: Path) -> dict[str, Any]:
+        scoring = model_input.loaded
+        job, n_stored = make_job(scoring)
+        meta = {
+            "format": FORMAT,
+            "pipeline_version": __version__,
+            "model": os.fspath(model),
+            "model_sha256": fingerprints["model"],
+            "model_mode": scoring.model.mode,
+            "positive_class": scoring.model.positive_class,
+            "threshold": scoring.model.threshold,
+            "classes": scoring.classes,
+            "feature_config_hash": scoring.config.hash,
+            "input": os.fspath(source),
+            **params,
+        }
         state = {
             "format": FORMAT,
             "pipeline_version": __version__,
@@ -873,7 +912,7 @@ def score(
     # the build itself discards it when this run does not resume.
     return run_stage(
         "score",
-        output=Path(out),
+        output=out,
         inputs={"model": model, "input": source},
         params=params,
         build=build,

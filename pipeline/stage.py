@@ -37,6 +37,7 @@ from pipeline import __version__
 from pipeline.errors import InputError, LockError
 from pipeline.fingerprint import content_fingerprint, disk_usage, fsync_dir, stat_fingerprint
 from pipeline.logs import get_logger
+from pipeline.paths import check_output, local_path, manifest_path, temp_path
 
 MANIFEST_VERSION = 1
 _TRACKED_LIBRARIES = (
@@ -58,16 +59,6 @@ class StageResult:
     @property
     def result(self) -> dict[str, Any]:
         return dict(self.manifest.get("result") or {})
-
-
-def manifest_path(output: Path) -> Path:
-    """Where the run manifest of ``output`` lives: ``<output>.manifest.json`` beside it."""
-    return output.with_name(output.name + ".manifest.json")
-
-
-def temp_path(output: Path) -> Path:
-    """The hidden path an output is built at before it is renamed into place."""
-    return output.with_name(f".{output.name}.partial")
 
 
 def read_manifest(output: Path) -> dict[str, Any] | None:
@@ -117,14 +108,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename."""
+    """Write JSON to ``path`` via a temporary file and rename (the temporary file is
+    removed when the write fails)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -251,6 +247,37 @@ def _remove_settled(path: Path, *, attempts: int = 20, pause: float = 0.25) -> N
         time.sleep(pause)
 
 
+def _remove_leftovers(output: Path, *, partial: bool) -> None:
+    """Remove what killed runs of this stage left beside ``output`` (the caller holds the
+    lock, so no other run can still be using them): ``.<name>.old-<pid>`` from a crash
+    between the two renames of a rebuild, manifest temporary files, and the temporary
+    output itself when ``partial`` (stages that cannot resume), even when the output
+    turns out to be up to date."""
+    leftovers = [
+        *output.parent.glob(f".{output.name}.old-*"),
+        *output.parent.glob(f".{manifest_path(output).name}.tmp-*"),
+    ]
+    if partial and (temp_path(output).exists() or temp_path(output).is_symlink()):
+        leftovers.append(temp_path(output))
+    for path in leftovers:
+        get_logger("stage").info("removing %s, left by an interrupted run", path)
+        _remove_settled(path)
+
+
+def _mark_replacing(stage: str, output: Path) -> None:
+    """Replace the manifest of ``output`` by one that says ``stage`` is rebuilding it."""
+    write_json_atomic(
+        manifest_path(output),
+        {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": stage,
+            "status": "replacing",
+            "pipeline_version": __version__,
+            "output": {"path": str(output)},
+        },
+    )
+
+
 def _swap_into_place(tmp: Path, output: Path) -> None:
     """Rename ``tmp`` to ``output``, replacing an existing output (file or folder)."""
     if output.exists() or output.is_symlink():
@@ -327,15 +354,21 @@ def run_stage(
         How inputs are fingerprinted; content sha256 by default.
     """
     log = get_logger(stage)
-    output = Path(output)
+    output = local_path(output, what="output")
+    inputs = {name: local_path(p, what=name) for name, p in inputs.items()}
     for name, path in inputs.items():
-        if not Path(path).exists():
+        if not path.exists():
             raise InputError(f"{stage}: expected {name} at {path}, got no such file or folder")
+    # Before anything is created beside it (the lock, the parent folder).
+    check_output(stage, output, inputs=inputs, replaces=atomic)
     output.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     with output_lock(output, timeout=lock_timeout), _terminate_as_interrupt():
-        fingerprints = {name: input_fingerprint(Path(p)) for name, p in inputs.items()}
+        # Under the lock: another run may have replaced the output while this one waited.
+        check_output(stage, output, inputs=inputs, replaces=atomic)
+        _remove_leftovers(output, partial=atomic and not resume)
+        fingerprints = {name: input_fingerprint(p) for name, p in inputs.items()}
         if not force:
             fresh, reason = is_up_to_date(output, inputs=fingerprints, params=params)
             if fresh:
@@ -344,24 +377,19 @@ def run_stage(
             log.info("building %s (%s)", output, reason)
         else:
             log.info("building %s (--force)", output)
-        # A crash between the two renames of a rebuild leaves `.<name>.old-<pid>`; we hold
-        # the lock, so no other run can still be using one.
-        for stale in output.parent.glob(f".{output.name}.old-*"):
-            _remove(stale)
         target = temp_path(output) if atomic else output
-        if atomic and not resume:
-            _remove(target)
         if not atomic:
-            _remove(manifest_path(output))
+            _mark_replacing(stage, output)
         try:
             result = build(target)
         except BaseException:
             if atomic and not resume:
                 _remove_settled(target)
             raise
-        # Drop the old manifest first: a crash between here and the new manifest leaves an
-        # output without one, which the next run rebuilds rather than trusts.
-        _remove(manifest_path(output))
+        # Mark the old manifest first: a crash between here and the new manifest leaves an
+        # output that the next run knows as this stage's (so it may replace it) but not as
+        # complete (so it rebuilds it rather than trusts it).
+        _mark_replacing(stage, output)
         if atomic:
             _swap_into_place(target, output)
         finished = datetime.now(UTC)

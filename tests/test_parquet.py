@@ -21,7 +21,8 @@ from pipeline.errors import ConfigMismatchError, InputError, StoreError
 from pipeline.extract import extract_features, feature_widths
 from pipeline.features import features
 from pipeline.ingest import default_sources, ingest
-from pipeline.parquet import META_KEY, part_files, read_features, read_meta
+from pipeline.parquet import META_KEY, part_checksum, part_files, read_features, read_meta
+from pipeline.paths import manifest_path
 from pipeline.shape_features import MOMENT_NAMES, TOPOLOGY_NAMES
 from pipeline.store import open_store, split_arrays
 
@@ -212,6 +213,21 @@ def test_read_features_refuses_another_configuration(built: Built) -> None:
         read_features(built.folder, split="train", expected_hash=other.hash)
 
 
+def relist(folder: Path, like: Path) -> None:
+    """Give a hand-made copy of a feature dataset a features manifest listing its parts."""
+    manifest = json.loads(manifest_path(like).read_text())
+    manifest["result"]["part_files"] = [
+        {
+            "name": p.name,
+            "split": p.name.split("-")[0],
+            "rows": pq.read_metadata(p).num_rows,
+            "crc32c": part_checksum(p.read_bytes()),
+        }
+        for p in part_files(folder)
+    ]
+    manifest_path(folder).write_text(json.dumps(manifest))
+
+
 def test_read_features_without_parts(tmp_path: Path, built: Built) -> None:
     with pytest.raises(StoreError, match="expected parquet part files"):
         read_features(tmp_path, split="train")
@@ -220,6 +236,7 @@ def test_read_features_without_parts(tmp_path: Path, built: Built) -> None:
     only_test.mkdir()
     for p in part_files(built.folder, "test"):
         (only_test / p.name).write_bytes(p.read_bytes())
+    relist(only_test, built.folder)
     with pytest.raises(StoreError, match="train"):
         read_features(only_test, split="train")
 
@@ -230,6 +247,7 @@ def test_read_features_of_multi_chunk_columns(built: Built, tmp_path: Path) -> N
     folder.mkdir()
     for p in part_files(built.folder):
         pq.write_table(pq.read_table(p), folder / p.name, row_group_size=5)
+    relist(folder, built.folder)
     a = read_features(built.folder, split="train")
     b = read_features(folder, split="train")
     np.testing.assert_array_equal(a.X, b.X)

@@ -229,15 +229,31 @@ def test_rebuild_when_output_was_modified(tmp_path: Path, inp: Path, folder: boo
         assert not (out / "sub" / "extra.txt").exists()
 
 
-def test_rebuild_when_output_or_manifest_is_missing(tmp_path: Path, inp: Path) -> None:
+def test_rebuild_when_output_is_missing(tmp_path: Path, inp: Path) -> None:
     out = tmp_path / "result.txt"
     run(out, inp, Builder())
     out.unlink()
     assert not run(out, inp, Builder()).skipped
-    manifest_path(out).unlink()
-    assert not run(out, inp, Builder()).skipped
-    manifest_path(out).write_text("{not json")
-    assert not run(out, inp, Builder()).skipped
+    assert out.read_text() == "built"
+
+
+@pytest.mark.parametrize("manifest", [None, "{not json", '{"stage": "other"}'])
+def test_an_output_without_its_manifest_is_never_replaced(
+    tmp_path: Path, inp: Path, manifest: str | None
+) -> None:
+    # Without a manifest of the same stage beside it, nothing proves the pipeline wrote
+    # the file: it may be the user's (force does not change that).
+    out = tmp_path / "result.txt"
+    run(out, inp, Builder())
+    out.write_text("the user's own notes")
+    if manifest is None:
+        manifest_path(out).unlink()
+    else:
+        manifest_path(out).write_text(manifest)
+    for force in (False, True):
+        with pytest.raises(InputError, match="refusing to replace it"):
+            run(out, inp, Builder(), force=force)
+    assert out.read_text() == "the user's own notes"
 
 
 def test_rebuild_when_manifest_is_from_another_pipeline_version(tmp_path: Path, inp: Path) -> None:
