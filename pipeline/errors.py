@@ -12,8 +12,10 @@ class PipelineError(Exception):
     exit_code = 1
 
 
-class InputError(PipelineError):
-    """The user's input (a file, an option, a configuration) is not acceptable."""
+class InputError(PipelineError, ValueError):
+    """The user's input (a file, an option, a configuration) is not acceptable.
+
+    Also a ``ValueError``, so code that calls the library can catch it as such."""
 
     exit_code = 2
 

@@ -17,6 +17,8 @@ hash, the column layout and the source store. It reads with ``pandas.read_parque
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,12 +220,18 @@ def listed_parts(folder: Path) -> list[Part]:
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Features of one split: ``X`` (n, K) float32, ``y`` (n,) int64, ``image_id`` (n,)."""
+    """Features of one split: ``X`` (n, K) float32, ``y`` (n,) int64, ``image_id`` (n,).
+
+    Unpacks as ``X, y = read_features(folder)``, like scikit-learn's dataset loaders.
+    """
 
     X: np.ndarray
     y: np.ndarray
     image_id: np.ndarray
     meta: dict[str, Any]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.X, self.y))
 
 
 def _read_part(folder: Path, part: Part, *, config_hash: str) -> pa.Table:
@@ -254,7 +262,9 @@ def _read_part(folder: Path, part: Part, *, config_hash: str) -> pa.Table:
     return table
 
 
-def read_features(folder: Path, *, split: str, expected_hash: str | None = None) -> FeatureSet:
+def read_features(
+    folder: str | os.PathLike[str], *, split: str = "train", expected_hash: str | None = None
+) -> FeatureSet:
     """Read one split of a feature dataset into memory as a dense matrix.
 
     Every part is checked against the features manifest (:func:`listed_parts`): its
