@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs import bench, features, fetch, ingest, score, train  # noqa: F401  (registers the commands)
+from jobs import bench, features, fetch, ingest, runs, score, train  # noqa: F401  (registers the commands)
 from jobs.app import app
 
 __all__ = ["app", "main"]
