@@ -105,12 +105,8 @@ def runs_diff(
         return
     out = [f"runs diff: {diff.a.name} -> {diff.b.name}", ""]
     if diff.params:
-        out.append(
-            _table(
-                ["parameter", diff.a.name, diff.b.name],
-                [[c.key, _fmt(c.old), _fmt(c.new)] for c in diff.params],
-            )  # fmt: skip
-        )
+        rows = [[c.key, _fmt(c.old), _fmt(c.new)] for c in diff.params]
+        out.append(_table(["parameter", diff.a.name, diff.b.name], rows))
     else:
         out.append("parameters: identical")
     out.append("")
