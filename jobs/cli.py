@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import sys
 
-from jobs import bench, features, fetch, ingest, runs, score, train  # noqa: F401  (registers the commands)
+from jobs import (  # noqa: F401  (importing a job module registers its command)
+    bench,
+    features,
+    fetch,
+    ingest,
+    runs,
+    score,
+    status,
+    train,
+)
 from jobs.app import app
 
 __all__ = ["app", "main"]

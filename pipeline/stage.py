@@ -15,6 +15,7 @@ A stage turns input files into one output (a file or a folder). :func:`run_stage
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
@@ -41,8 +42,15 @@ from pipeline.paths import check_output, local_path, manifest_path, temp_path
 
 MANIFEST_VERSION = 1
 _TRACKED_LIBRARIES = (
-    "numpy", "scipy", "scikit-learn", "dask", "distributed", "pyarrow", "zarr", "Pillow",
-)  # fmt: skip
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "dask",
+    "distributed",
+    "pyarrow",
+    "zarr",
+    "Pillow",
+)
 
 BuildFn = Callable[[Path], Mapping[str, Any] | None]
 
@@ -59,6 +67,62 @@ class StageResult:
     @property
     def result(self) -> dict[str, Any]:
         return dict(self.manifest.get("result") or {})
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """Whether a stage's output is up to date, found without running the stage.
+
+    ``up_to_date`` is None when it cannot be told (a missing input, a refused output).
+    """
+
+    stage: str
+    output: Path
+    inputs: dict[str, Path]
+    up_to_date: bool | None
+    reason: str
+
+
+_planned: contextvars.ContextVar[list[StageStatus] | None] = contextvars.ContextVar(
+    "planned", default=None
+)
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[list[StageStatus]]:
+    """Within this block :func:`run_stage` builds nothing, takes no lock and creates no
+    file: it appends each stage's :class:`StageStatus` to the yielded list and returns
+    as if the output were up to date. What ``mnist-pipeline status`` runs the jobs in, so
+    that the status comes from the same inputs, parameters and checks as a real run."""
+    plan: list[StageStatus] = []
+    token = _planned.set(plan)
+    try:
+        yield plan
+    finally:
+        _planned.reset(token)
+
+
+def _plan_status(
+    stage: str,
+    output: Path,
+    *,
+    inputs: Mapping[str, Path],
+    params: Mapping[str, Any],
+    replaces: bool,
+    input_fingerprint: Callable[[Path], str],
+) -> StageStatus:
+    def status(fresh: bool | None, reason: str) -> StageStatus:
+        return StageStatus(stage, output, dict(inputs), fresh, reason)
+
+    missing = [f"{name} {path}" for name, path in inputs.items() if not path.exists()]
+    if missing:
+        return status(None, f"missing input {', '.join(missing)}")
+    try:
+        check_output(stage, output, inputs=inputs, replaces=replaces)
+    except InputError as e:
+        return status(None, str(e))
+    fingerprints = {name: input_fingerprint(p) for name, p in inputs.items()}
+    return status(*is_up_to_date(output, inputs=fingerprints, params=params))
 
 
 def read_manifest(output: Path) -> dict[str, Any] | None:
@@ -356,6 +420,19 @@ def run_stage(
     log = get_logger(stage)
     output = local_path(output, what="output")
     inputs = {name: local_path(p, what=name) for name, p in inputs.items()}
+    plan = _planned.get()
+    if plan is not None:
+        plan.append(
+            _plan_status(
+                stage,
+                output,
+                inputs=inputs,
+                params=params,
+                replaces=atomic,
+                input_fingerprint=input_fingerprint,
+            )
+        )
+        return StageResult(stage, output, True, read_manifest(output) or {})
     for name, path in inputs.items():
         if not path.exists():
             raise InputError(f"{stage}: expected {name} at {path}, got no such file or folder")
