@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,29 +99,52 @@ def test_single_file(tmp_path: Path) -> None:
     assert stat_fingerprint(f) == hashlib.sha256(f"f\0{3}\0{st.st_mtime_ns}\n".encode()).hexdigest()
 
 
-def test_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
-    depth = sys.getrecursionlimit() + 200
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:  # relative to a folder descriptor: no path grows with the depth here
+def make_deep_tree(top: Path, depth: int, *, leaf: str = "leaf", data: bytes = b"deep") -> None:
+    """``top/d/d/.../d/<leaf>`` with ``depth`` folders ``d``, built through folder
+    descriptors (no path or recursion grows with the depth here)."""
+    top.mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY)
+    try:
         for _ in range(depth):
             os.mkdir("d", dir_fd=fd)
             sub = os.open("d", os.O_RDONLY, dir_fd=fd)
             os.close(fd)
             fd = sub
-        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(leaf, b"deep")
-        os.close(leaf)
+        out = os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
     finally:
         os.close(fd)
-    (tmp_path / "top").write_bytes(b"xy")
-    assert disk_usage(tmp_path) == 6
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Remove a tree of :func:`make_deep_tree`: ``shutil.rmtree`` (and pytest's clean-up of
+    old temporary folders, shared by everyone on the machine) recurse and fail on it;
+    GNU ``rm`` does not."""
+    subprocess.run(["rm", "-rf", "--", os.fspath(top)], check=True)
+
+
+@pytest.fixture
+def deep_tree(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A folder with a file ``top`` and a file 200 levels deeper than the recursion limit."""
+    depth = sys.getrecursionlimit() + 200
+    make_deep_tree(tmp_path / "deep", depth)
+    (tmp_path / "deep" / "top").write_bytes(b"xy")
+    try:
+        yield tmp_path / "deep", depth
+    finally:
+        remove_deep_tree(tmp_path / "deep")
+
+
+def test_tree_deeper_than_the_recursion_limit(deep_tree: tuple[Path, int]) -> None:
+    root, depth = deep_tree
+    assert disk_usage(root) == 6
     h = hashlib.sha256()
-    h.update(
-        ("d/" * depth + "leaf").encode() + b"\0" + hashlib.sha256(b"deep").hexdigest().encode()
-    )
+    deep = hashlib.sha256(b"deep").hexdigest().encode()
+    h.update(("d/" * depth + "leaf").encode() + b"\0" + deep)
     h.update(b"top\0" + hashlib.sha256(b"xy").hexdigest().encode())
-    assert content_fingerprint(tmp_path) == h.hexdigest()
-    assert len(stat_fingerprint(tmp_path)) == 64
+    assert content_fingerprint(root) == h.hexdigest()
+    assert len(stat_fingerprint(root)) == 64
 
 
 def test_name_that_is_not_utf8(tmp_path: Path) -> None:
