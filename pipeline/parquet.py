@@ -126,15 +126,47 @@ def part_files(folder: Path, split: str | None = None) -> list[Path]:
     return sorted(Path(folder).glob(pattern))
 
 
+def _unreadable(path: Path, e: Exception) -> StoreError:
+    detail = " ".join(str(e).split()) or type(e).__name__
+    return StoreError(f"{path}: expected a readable parquet part, got {detail}")
+
+
+def _read_table(path: Path) -> pa.Table:
+    """``pq.read_table`` with a cut-short or corrupt part as :class:`StoreError` naming it.
+
+    Errors of the system (permission, I/O) keep their ``OSError`` (errno set): exit 1.
+    """
+    try:
+        return pq.read_table(path)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise _unreadable(path, e) from None
+    except pa.ArrowException as e:
+        raise _unreadable(path, e) from None
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
     """The ``mnist_pipeline`` schema metadata of a feature dataset."""
     files = part_files(folder)
     if not files:
         raise StoreError(f"expected parquet part files in {folder}, got none (run features first)")
-    meta = pq.read_schema(files[0]).metadata or {}
+    try:
+        meta = pq.read_schema(files[0]).metadata or {}
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise _unreadable(files[0], e) from None
+    except pa.ArrowException as e:
+        raise _unreadable(files[0], e) from None
     if META_KEY not in meta:
         raise StoreError(f"{files[0]}: expected '{META_KEY.decode()}' schema metadata, got none")
-    return dict(json.loads(meta[META_KEY]))
+    try:
+        return dict(json.loads(meta[META_KEY]))
+    except (ValueError, TypeError) as e:
+        raise StoreError(
+            f"{files[0]}: expected JSON '{META_KEY.decode()}' schema metadata, got {e}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -166,7 +198,7 @@ def read_features(folder: Path, *, split: str, expected_hash: str | None = None)
         raise StoreError(f"{folder}: expected {split}-*.parquet part files, got none")
     layout = [Column(**c) for c in meta["columns"]]
     K = layout[-1].stop if layout else 0
-    tables = [pq.read_table(f) for f in files]
+    tables = [_read_table(f) for f in files]
     n = sum(t.num_rows for t in tables)
     X = np.empty((n, K), np.float32)
     y = np.empty(n, np.int64)
