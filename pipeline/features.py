@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.catalogue import FeatureConfig, columns
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PipelineError, StoreError
 from pipeline.extract import feature_widths, features_dask
 from pipeline.logs import get_logger
 from pipeline.parallel import compute_tasks
@@ -26,6 +26,27 @@ from pipeline.store import SPLITS, open_store, split_arrays
 
 FORMAT = "mnist-pipeline/features/1"
 log = get_logger("features")
+
+
+class _ChunkReader:
+    """A zarr array whose reads, run inside the dask tasks, fail as :class:`StoreError`
+    naming the store: a chunk file cut short makes the codec raise (zstd: RuntimeError)
+    deep in a task, which was a traceback. System errors (OSError) pass unchanged."""
+
+    def __init__(self, array: Any, store: Path) -> None:
+        self.array, self.store = array, str(store)
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except (OSError, MemoryError, PipelineError):
+            raise
+        except Exception as e:
+            raise StoreError(
+                f"{self.store}: expected readable chunks in {self.array.path}, "
+                f"got {type(e).__name__}: {' '.join(str(e).split())}"
+            ) from None
 
 
 def _write_part(
@@ -74,7 +95,12 @@ def build_features(
     for split in splits:
         images_z, labels_z = split_arrays(root, split)
         labels = np.asarray(labels_z[:])
-        images = da.from_zarr(images_z)
+        images = da.from_array(
+            _ChunkReader(images_z, store),
+            chunks=images_z.chunks,
+            name="from-zarr-" + dask.base.tokenize(images_z),
+            asarray=False,
+        )
         X = features_dask(images, config)
         starts = np.cumsum((0, *X.chunks[0]))
         for i, block in enumerate(X.to_delayed().ravel()):
