@@ -228,7 +228,9 @@ def case_output_parent_is_a_file(world: World, tmp_path: Path) -> Run:
 
 
 def case_disk_full_ingest(world: World, tmp_path: Path) -> Run:
-    return ingest_run(world.raw, tmp_path / "tiny" / "mnist.zarr")
+    run = ingest_run(world.raw, tmp_path / "tiny" / "mnist.zarr")
+    run.subprocess = True  # the process, and every thread writing, is gone before umount
+    return run
 
 
 def case_disk_full_features(world: World, tmp_path: Path) -> Run:
@@ -236,6 +238,7 @@ def case_disk_full_features(world: World, tmp_path: Path) -> Run:
     run = features_run(world, tmp_path, '[[features]]\nfamily = "pixels"\nfactor = 1\n')
     run.out = tmp_path / "tiny" / "features"
     run.args[run.args.index("--out") + 1] = run.out
+    run.subprocess = True  # dask threads may still hold a part open after the error
     return run
 
 
