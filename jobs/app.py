@@ -11,15 +11,22 @@ Exit codes: 0 success (or nothing to do), 1 the run failed, 2 bad usage or bad i
 from __future__ import annotations
 
 import contextlib
+import difflib
+import errno
+import json
+import math
 import os
+import re
 import tomllib
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError
 from pipeline.logs import LogFormat, configure_logging
 
 app = typer.Typer(
@@ -71,22 +78,203 @@ LogLevel = Annotated[
 ]
 
 
-def _load_config(path: Path) -> dict[str, Any]:
+class SettingError(InputError):
+    """A setting in ``pipeline.toml`` or the environment is unknown or of the wrong type."""
+
+
+def job_options(ctx: Any) -> dict[str, dict[str, Any]]:
+    """``{job: {option name: option}}`` of every registered job (not sub-groups such as
+    ``config``), from the application itself: the valid sections and keys of the config.
+
+    Duck-typed like :func:`config_show`: recent Typer versions vendor click.
+    """
+    root_ctx = ctx.find_root()
+    group: Any = root_ctx.command
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(group.list_commands(root_ctx)):
+        cmd = group.get_command(root_ctx, name)
+        if cmd is None or hasattr(cmd, "list_commands"):
+            continue
+        out[name] = {
+            p.name: p
+            for p in cmd.params
+            if p.param_type_name == "option" and p.name not in (None, "help")
+        }
+    return out
+
+
+def _did_you_mean(word: str, candidates: list[str], fmt: str) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {fmt.format(close[0])}?"
+    return "; expected one of " + ", ".join(fmt.format(c) for c in candidates)
+
+
+def _toml(value: Any) -> str:
+    """``value`` as it is written in TOML (``true``, ``"7"``), for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _annotation(param: Any) -> Any:
+    """The option's Python type without ``None`` (``Path | None`` -> ``Path``); None when
+    this Typer does not say (then no check: Typer converts the value as before)."""
+    ann = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = args[0] if len(args) == 1 else None
+    return ann
+
+
+def _choices(ann: Any) -> tuple[str, ...] | None:
+    return tuple(typing.get_args(ann)) if typing.get_origin(ann) is Literal else None
+
+
+def _check_choice(param: Any, choices: tuple[str, ...], value: str) -> str | None:
+    info = getattr(getattr(param, "type_descriptor", None), "parameter_info", None)
+    if getattr(info, "case_sensitive", True):
+        fits = value in choices
+    else:
+        fits = value.lower() in {c.lower() for c in choices}
+    return None if fits else "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _check_range(param: Any, value: float) -> str | None:
+    lo, hi = getattr(param, "min", None), getattr(param, "max", None)
+    if (lo is None or value >= lo) and (hi is None or value <= hi):
+        return None
+    kind = "an integer" if isinstance(value, int) else "a number"
+    if hi is None:
+        return f"{kind} >= {lo:g}"
+    return f"{kind} <= {hi:g}" if lo is None else f"{kind} in [{lo:g}, {hi:g}]"
+
+
+def _scalar_problem(param: Any, ann: Any, value: Any) -> str | None:
+    choices = _choices(ann)
+    if choices is not None:
+        if not isinstance(value, str):
+            return "a string, one of " + ", ".join(repr(c) for c in choices)
+        return _check_choice(param, choices, value)
+    if ann is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if ann is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "an integer"
+        return _check_range(param, value)
+    if ann is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "a number"
+        return "a number, not nan" if math.isnan(value) else _check_range(param, value)
+    if ann in (str, Path):
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _config_value_problem(param: Any, value: Any) -> str | None:
+    """What a TOML ``value`` for option ``param`` should have been, or None when it fits.
+
+    Strict: ``chunk_size = true`` is not 1 and ``chunk_size = "7"`` is not 7 (Typer's
+    conversion would coerce both).
+    """
+    ann = _annotation(param)
+    if typing.get_origin(ann) is list:
+        item = (typing.get_args(ann) or (str,))[0]
+        if not isinstance(value, list):
+            return "a list"
+        return next((p for v in value if (p := _scalar_problem(param, item, v))), None)
+    return _scalar_problem(param, ann, value)
+
+
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _env_value_problem(param: Any, text: str) -> str | None:
+    """What an environment variable's ``text`` for ``param`` should have been, or None."""
+    ann = _annotation(param)
+    choices = _choices(ann)
+    if choices is not None:
+        return _check_choice(param, choices, text)
+    if ann is bool:
+        fits = text.strip().lower() in _TRUE | _FALSE
+        return None if fits else "true or false (1/0, yes/no, on/off)"
+    if ann is int:
+        if not _INT.fullmatch(text.strip()):
+            return "an integer"
+        return _check_range(param, int(text))
+    if ann is float:
+        try:
+            number = float(text)
+        except ValueError:
+            return "a number"
+        return "a number, not nan" if math.isnan(number) else _check_range(param, number)
+    return None
+
+
+def _load_config(path: Path, options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Read and check the config file; returns it as Typer's ``default_map``.
+
+    Unknown sections and keys (with a did-you-mean) and values that do not fit their
+    option raise :class:`SettingError`; ``options`` is :func:`job_options`.
+    """
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise typer.BadParameter(f"expected a TOML file at {path}, got no such file") from None
+        raise SettingError(f"expected a TOML file at {path}, got no such file") from None
+    except UnicodeDecodeError as e:
+        raise SettingError(
+            f"{path}: expected a UTF-8 TOML file, got byte 0x{e.object[e.start]:02x} "
+            f"at offset {e.start} that is not UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
-        raise typer.BadParameter(f"{path}: expected valid TOML, got {e}") from None
+        raise SettingError(f"{path}: expected valid TOML, got {e}") from None
     default_map: dict[str, Any] = {}
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise typer.BadParameter(
+            raise SettingError(
                 f"{path}: expected [job] tables such as [ingest], got top-level key {section!r}"
             )
-        default_map[section] = {k.replace("-", "_"): v for k, v in values.items()}
+        if section not in options:
+            hint = _did_you_mean(section, sorted(options), "[{}]")
+            raise SettingError(f"unknown section [{section}] in {path}{hint}")
+        known = options[section]
+        default_map[section] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                hint = _did_you_mean(key, sorted(known), "{}")
+                raise SettingError(f"unknown key {raw_key} in [{section}] of {path}{hint}")
+            problem = _config_value_problem(known[key], value)
+            if problem:
+                raise SettingError(
+                    f"{path}: [{section}] {raw_key}: expected {problem}, got {_toml(value)}"
+                )
+            default_map[section][key] = value
     return default_map
+
+
+def _check_environment(ctx: Any, options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse option values from the environment (``MNIST_PIPELINE_<JOB>_<OPTION>`` or an
+    option's own ``envvar``) that do not fit their option, in one line: Typer's coercion
+    would fail with a multi-line box, or coerce (``"7.0"`` for an integer)."""
+    prefix = ctx.find_root().auto_envvar_prefix
+    for job_name, params in options.items():
+        for name, param in params.items():
+            declared = param.envvar or []
+            names = [declared] if isinstance(declared, str) else list(declared)
+            if not names and prefix and getattr(param, "allow_from_autoenv", True):
+                names = [f"{prefix}_{job_name.upper().replace('-', '_')}_{name.upper()}"]
+            for var in names:
+                text = os.environ.get(var)
+                if not text:  # unset or empty: the option's other sources apply (as in click)
+                    continue
+                problem = _env_value_problem(param, text)
+                if problem:
+                    raise SettingError(f"{var}: expected {problem}, got {text!r}")
 
 
 @app.callback()
@@ -106,8 +294,19 @@ def root(
     """Batch jobs for MNIST-style digit classification with hand-crafted features."""
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
-    if config is not None:
-        ctx.default_map = _load_config(config)
+    if not ctx.resilient_parsing:
+        try:
+            options = job_options(ctx)
+            _check_environment(ctx, options)
+            if config is not None:
+                ctx.default_map = _load_config(config, options)
+        except SettingError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # unreadable config file
+            message, code = os_error_message(e)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
     ctx.obj = {"config": str(config) if config else None}
 
 
@@ -142,9 +341,41 @@ def job(log_format: str, log_level: str) -> Iterator[None]:
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # permission, disk full, a file used as a folder, ...: one line
+        message, code = os_error_message(e)
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted; no partial output was kept", err=True)
         raise typer.Exit(130) from None
+
+
+#: errno values meaning the user's path cannot be what it is used as (a file given as a
+#: folder, a folder as a file, a name too long): bad input, exit 2. Any other OSError is
+#: the machine's (permission, disk full, I/O): exit 1.
+_BAD_PATH_ERRNOS = frozenset(
+    {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
+def _printable(name: str | bytes | os.PathLike[str]) -> str:
+    # A path that is not valid UTF-8 would make printing the error fail in its turn.
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def os_error_message(e: OSError) -> tuple[str, int]:
+    """``("<path>: <reason>", exit code)`` for an OSError that reached a job."""
+    code = 2 if e.errno in _BAD_PATH_ERRNOS else 1
+    reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e.filename, str | bytes | os.PathLike):
+        # e.g. pyarrow's "[Errno 28] Error writing bytes to file. Detail: ...": no path
+        return " ".join(reason.split()), code
+    where = _printable(e.filename)
+    if isinstance(e.filename2, str | bytes | os.PathLike):
+        where += f" -> {_printable(e.filename2)}"
+    if e.errno == errno.EEXIST and Path(os.fsdecode(e.filename)).is_file():
+        reason = "expected a folder, got a file"  # mkdir(parents=True) under a file
+    return f"{where}: {reason}", code
 
 
 def report(message: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -104,6 +105,26 @@ STEPS: dict[str, Callable[..., np.ndarray]] = {
 
 BASE_VIEW = "gray"
 
+#: Columns every feature table starts with; no feature column may take their names.
+FIXED_COLUMNS = ("image_id", "split", "label")
+
+#: Inclusive bounds of every numeric parameter of a step or family, by parameter name.
+#: ``"side"``: at most the shorter image side (checked with the image shape by
+#: :func:`check_image_shape`; e.g. ``median_blur size=999`` would allocate 36 GiB for a
+#: chunk of 28x28 images). Bounds keep every parameter where the kernels stay finite and
+#: memory stays proportional to the images; a test checks every parameter has one.
+PARAMETER_BOUNDS: dict[str, tuple[float, float | Literal["side"]]] = {
+    "size": (1, "side"),  # median window, pixels
+    "cell": (1, "side"),  # HOG cell, pixels
+    "grid": (1, "side"),  # zoning cells per side
+    "factor": (1, "side"),  # pixel-grid block, pixels
+    "block": (0, "side"),  # HOG block, cells (the kernel checks it against the cell count)
+    "bins": (2, 360),  # orientation bins: the output width grows with them
+    "threshold": (0.0, 1.0),  # fraction of full intensity
+    "eps": (1e-12, 1e3),  # block-norm regulariser: 0 divides blank blocks by zero
+    "power": (0.01, 4.0),  # histogram power: large powers overflow float32
+}
+
 #: The default: the configuration that made logistic regression most accurate on MNIST
 #: (see README, "Accuracy"): on moment-deskewed images, square-root HOG with soft
 #: orientation bins and bilinear (triangle) cell pooling at two scales, plus a 14x14 pixel
@@ -147,8 +168,43 @@ def _fill(kind: str, what: str, fn: Callable[..., Any], given: Mapping[str, Any]
                 f"{kind} {what!r}: expected {key} of type {type(defaults[key]).__name__}, "
                 f"got {value!r}"
             )
-        out[key] = float(value) if isinstance(defaults[key], float) else value
+        value = float(value) if isinstance(defaults[key], float) else value
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML has nan and inf literals; `hog eps = nan` made all-NaN features.
+            raise FeatureConfigError(
+                f"{kind} {what!r}: expected a finite number for {key}, got {value!r}"
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if key not in PARAMETER_BOUNDS:  # a developer's omission, caught by a test
+                raise AssertionError(f"{kind} {what!r}: no PARAMETER_BOUNDS for {key}")
+            lo, hi = PARAMETER_BOUNDS[key]
+            if value < lo or (hi != "side" and value > hi):
+                limits = f">= {lo:g}" if hi == "side" else f"in [{lo:g}, {hi:g}]"
+                raise FeatureConfigError(f"{kind} {what!r}: expected {key} {limits}, got {value!r}")
+        out[key] = value
     return out
+
+
+def check_image_shape(config: FeatureConfig, image_shape: tuple[int, int]) -> None:
+    """Refuse parameters measured in pixels that exceed the shorter image side.
+
+    Call it before running any kernel on images of ``image_shape`` (H, W).
+    """
+    side = min(image_shape)
+    users = {f.view: f.name for f in reversed(config.features)}
+    checks = [
+        (f"view {view!r} step {op!r} (used by feature {users.get(view, 'none')!r})", params)
+        for view, steps in config.views
+        for op, params in steps
+    ]
+    checks += [(f"feature {f.name!r} ({f.family})", f.params) for f in config.features]
+    for where, params in checks:
+        for key, value in params:
+            if PARAMETER_BOUNDS.get(key, (0, 0))[1] == "side" and value > side:
+                raise FeatureConfigError(
+                    f"{where}: expected {key} <= image side {side}, got {value} "
+                    f"(images of shape {tuple(image_shape)})"
+                )
 
 
 @dataclass(frozen=True)
@@ -262,6 +318,11 @@ def load_config(source: Mapping[str, Any] | Path | None = None) -> FeatureConfig
                 f"feature family {family!r}: expected view in {sorted(view_names)}, got {view!r}"
             )
         name = str(item.pop("name", f"{family}_{view}"))
+        if name in FIXED_COLUMNS:
+            raise FeatureConfigError(
+                f"feature family {family!r}: expected a name other than {FIXED_COLUMNS} "
+                f"(columns every feature table has), got {name!r}"
+            )
         params = _fill("family", family, FAMILIES[family].kernel, item)
         features.append(FeatureSpec(name, family, view, tuple(sorted(params.items()))))
     if not features:
@@ -307,6 +368,12 @@ def columns(
                 for i, sub in enumerate(names)
             )
         pos += k
+    taken = [*FIXED_COLUMNS, *(c.name for c in out)]
+    clashes = sorted({n for n in taken if taken.count(n) > 1})
+    if clashes:
+        raise FeatureConfigError(
+            f"expected distinct column names, got {clashes} more than once (rename a feature)"
+        )
     return out
 
 

@@ -15,7 +15,14 @@ import numpy as np
 # Extraction runs the compiled loops: load them with this module, like its other imports
 # (hog and preprocess import them lazily for processes that only read features).
 from pipeline import jit  # noqa: F401
-from pipeline.catalogue import BASE_VIEW, FAMILIES, STEPS, FeatureConfig, FeatureConfigError
+from pipeline.catalogue import (
+    BASE_VIEW,
+    FAMILIES,
+    STEPS,
+    FeatureConfig,
+    FeatureConfigError,
+    check_image_shape,
+)
 from pipeline.hog import shared_orientations
 from pipeline.preprocess import to_unit_float
 
@@ -82,6 +89,7 @@ def feature_widths(config: FeatureConfig, image_shape: tuple[int, int]) -> dict[
     Runs the configuration once on blank images, which also validates every parameter;
     a bad value raises :class:`FeatureConfigError`.
     """
+    check_image_shape(config, image_shape)  # before any kernel allocates for a bad size
     probe = np.zeros((2, *image_shape), np.uint8)
     widths = {}
     views: dict[str, np.ndarray] = {}

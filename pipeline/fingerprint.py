@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 _BLOCK = 1 << 20
@@ -23,10 +22,42 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _files_under(path: Path) -> list[Path]:
-    # Sorted by string: comparing Path objects is several times slower on big folders.
-    files = (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    return sorted(files, key=os.fspath)
+def _files_under(path: Path) -> list[tuple[str, str]]:
+    """``(relative path with /, full path)`` of every regular file under ``path``.
+
+    Symlinks are neither listed nor followed; folders that cannot be listed are skipped.
+    An explicit stack, not recursion: a tree deeper than Python's recursion limit (1,000
+    levels) must fingerprint like any other. Sorted by the relative path string, which is
+    the order the earlier ``rglob`` version had (by full path: the prefix is common).
+    """
+    root = os.fspath(path)
+    out: list[tuple[str, str]] = []
+    stack = [("", root)]
+    while stack:
+        rel_dir, folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            rel = rel_dir + e.name
+            try:
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", e.path))
+                elif e.is_file(follow_symlinks=False):
+                    out.append((rel, e.path))
+            except OSError:
+                continue
+    out.sort()
+    return out
+
+
+def _name_bytes(rel: str) -> bytes:
+    # A name that is not valid UTF-8 is held with surrogate escapes; hash its bytes.
+    return rel.encode("utf-8", "surrogateescape")
 
 
 def content_fingerprint(path: Path) -> str:
@@ -38,9 +69,9 @@ def content_fingerprint(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for p in _files_under(path):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0")
-        h.update(sha256_file(p).encode())
+    for rel, full in _files_under(path):
+        h.update(_name_bytes(rel) + b"\0")
+        h.update(sha256_file(Path(full)).encode())
     return h.hexdigest()
 
 
@@ -48,11 +79,10 @@ def stat_fingerprint(path: Path) -> str:
     """sha256 over names, sizes and modification times: cheap, for large outputs or folders."""
     path = Path(path)
     h = hashlib.sha256()
-    entries = [path] if path.is_file() else _files_under(path)
-    for p in entries:
-        st = p.stat()
-        rel = p.name if p == path else p.relative_to(path).as_posix()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    entries = [(path.name, os.fspath(path))] if path.is_file() else _files_under(path)
+    for rel, full in entries:
+        st = os.stat(full)  # noqa: PTH116 (str paths: no Path object per file)
+        h.update(_name_bytes(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -62,14 +92,22 @@ def disk_usage(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(folder, name))  # noqa: PTH118 (hot loop: str is faster)
-            except OSError:
-                continue
-            if not stat.S_ISLNK(st.st_mode):
-                total += st.st_size
+    # An explicit stack of folders (os.walk recurses: a tree deeper than the recursion
+    # limit raised RecursionError after the output was written, so no manifest was).
+    stack = [os.fspath(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        elif not e.is_symlink():
+                            total += e.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
     return total
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DatasetMismatchError, IdxFormatError, InputError
+from pipeline.errors import ChecksumError, DatasetMismatchError, IdxFormatError, InputError
 from pipeline.fetch import MNIST_FILES, content_digest
 from pipeline.idx import iter_idx, read_header, read_idx
 from pipeline.logs import get_logger, progress
@@ -61,6 +61,13 @@ def _check_split(split: str, files: SplitFiles) -> tuple[int, tuple[int, ...], n
             f"{files.images}: expected 3 dimensions (N, height, width) for {split} images, "
             f"got {len(header.shape)} {header.shape}"
         )
+    if header.count == 0:
+        raise DatasetMismatchError(f"{files.images}: expected at least one {split} image, got 0")
+    if 0 in header.item_shape:
+        raise IdxFormatError(
+            f"{files.images}: expected {split} images of at least 1x1 pixels, "
+            f"got shape {header.shape}"
+        )
     labels = read_header(files.labels)
     if labels.count != header.count:
         raise DatasetMismatchError(
@@ -68,6 +75,34 @@ def _check_split(split: str, files: SplitFiles) -> tuple[int, tuple[int, ...], n
             f"got {labels.count} in {files.labels}"
         )
     return header.count, header.item_shape, header.dtype
+
+
+def _source_digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of the uncompressed content; a corrupt gzip stream is bad input here
+    (``content_digest`` says ChecksumError, exit 1, which fits a download, not a given file)."""
+    try:
+        return content_digest(path)
+    except ChecksumError as e:
+        raise IdxFormatError(str(e)) from None
+
+
+def check_finite(chunk: np.ndarray, *, path: Path, split: str, start: int) -> None:
+    """Refuse NaN and infinite pixels (float idx images): they would pass through every
+    stage and give meaningless features and predictions.
+
+    ``chunk`` has shape (n, H, W); ``start`` is the index of its first image in the split.
+    """
+    if chunk.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        values = chunk[i][~np.isfinite(chunk[i])]
+        kind = "NaN" if np.isnan(values).any() else "infinite values"
+        raise IdxFormatError(
+            f"{path}: expected finite pixel values, got {kind} in {split} image {start + i} "
+            f"({int(bad.sum())} such images in rows {start}-{start + len(chunk) - 1})"
+        )
 
 
 def build_store(
@@ -93,7 +128,7 @@ def build_store(
     files_meta = {}
     for split, files in sources.items():
         for kind, path in (("images", files.images), ("labels", files.labels)):
-            digest, size = content_digest(path)
+            digest, size = _source_digest(path)
             files_meta[f"{split}_{kind}"] = {
                 "file": path.name,
                 "content_sha256": digest,
@@ -128,6 +163,7 @@ def build_store(
         start = 0
         with progress(log, f"ingest {split} images", total=count, unit="images") as advance:
             for chunk in iter_idx(files.images, rows_per_chunk=images_arr.chunks[0]):
+                check_finite(chunk, path=files.images, split=split, start=start)
                 with signals_deferred():
                     images_arr[start : start + len(chunk)] = chunk
                 start += len(chunk)

@@ -16,6 +16,7 @@ hash, the column layout and the source store. It reads with ``pandas.read_parque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -142,11 +143,35 @@ def part_files(folder: Path, split: str | None = None) -> list[Path]:
     return sorted(Path(folder).glob(pattern))
 
 
+def _unreadable(path: Path, e: Exception) -> StoreError:
+    detail = " ".join(str(e).split()) or type(e).__name__
+    return StoreError(f"{path}: expected a readable parquet part, got {detail}")
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    """A cut-short or corrupt part becomes a :class:`StoreError` naming it; errors of the
+    system (permission, I/O: an ``OSError`` with an errno) stay as they are (exit 1)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise _unreadable(path, e) from None
+    except pa.ArrowException as e:
+        raise _unreadable(path, e) from None
+
+
 def _schema_meta(path: Path, schema: pa.Schema) -> dict[str, Any]:
     meta = schema.metadata or {}
     if META_KEY not in meta:
         raise StoreError(f"{path}: expected '{META_KEY.decode()}' schema metadata, got none")
-    return dict(json.loads(meta[META_KEY]))
+    try:
+        return dict(json.loads(meta[META_KEY]))
+    except (ValueError, TypeError) as e:
+        raise StoreError(
+            f"{path}: expected JSON '{META_KEY.decode()}' schema metadata, got {e}"
+        ) from None
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -154,10 +179,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     files = part_files(folder)
     if not files:
         raise StoreError(f"expected parquet part files in {folder}, got none (run features first)")
-    try:
+    with _parquet_errors(files[0]):
         schema = pq.read_schema(files[0])
-    except (pa.ArrowException, OSError) as e:
-        raise StoreError(f"{files[0]}: expected a parquet file, got {e}") from None
     return _schema_meta(files[0], schema)
 
 
@@ -235,20 +258,15 @@ class FeatureSet:
 def _read_part(folder: Path, part: Part, *, config_hash: str) -> pa.Table:
     """One part, checked against its manifest entry: checksum, rows and configuration."""
     path = folder / part.name
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StoreError(f"{path}: expected a readable part file, got {e.strerror or e}") from None
+    data = path.read_bytes()  # an OSError here is the machine's: exit 1
     got = part_checksum(data)
     if got != part.crc32c:
         raise StoreError(
             f"{path}: expected crc32c {part.crc32c} as the features manifest lists, got {got} "
             "(the part was changed or replaced after features wrote it)"
         )
-    try:
+    with _parquet_errors(path):
         table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as e:
-        raise StoreError(f"{path}: expected a parquet file, got {e}") from None
     if table.num_rows != part.rows:
         raise StoreError(f"{path}: expected {part.rows} rows, got {table.num_rows}")
     got_hash = _schema_meta(path, table.schema).get("config_hash")

@@ -285,6 +285,24 @@ def _check_link(root: str, root_real: str, rel: str) -> str | None:
     return None
 
 
+_NOT_UTF8 = "expected a file name that is valid UTF-8, got other bytes (shown as \\x escapes)"
+
+
+def _not_utf8(rel: str) -> bool:
+    """Whether ``rel`` holds bytes that are not UTF-8 (as surrogate escapes, see
+    :func:`os.fsdecode`): such a name cannot go into the parquet ``path`` column."""
+    try:
+        rel.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(rel: str) -> str:
+    """``rel`` with its non-UTF-8 bytes as ``\\xNN`` escapes (valid UTF-8, one per name)."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def walk_images(
     root: Path, *, globs: Sequence[str] = DEFAULT_GLOBS, exclude: frozenset[str] = frozenset()
 ) -> Iterator[WalkItem]:
@@ -314,13 +332,17 @@ def walk_images(
             continue
         name, kind = entry
         rel = prefix + name
+        if kind != _DIR and not rel.isascii() and _not_utf8(rel):
+            yield _shown(rel), _NOT_UTF8
+            continue
         if kind == _FILE:
             yield rel, None
         elif kind == _DIR:
             try:
                 listing = _list_dir(f"{root_s}/{rel}", rel + "/", match, exclude)
             except OSError as e:
-                yield rel, f"expected a readable folder, got {(e.strerror or str(e)).lower()}"
+                reason = f"expected a readable folder, got {(e.strerror or str(e)).lower()}"
+                yield (_shown(rel) if _not_utf8(rel) else rel), reason
                 continue
             stack.append((rel + "/", iter(listing)))
         elif kind == _LINK:

@@ -182,7 +182,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException:  # disk full, interrupted: no stray temporary file
         tmp.unlink(missing_ok=True)
         raise
 

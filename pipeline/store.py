@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from pipeline.errors import StoreError
+from pipeline.errors import PipelineError, StoreError
 
 SPLITS = ("train", "test")
 STORE_FORMAT = "mnist-pipeline/dataset/1"
@@ -186,10 +186,12 @@ class StrictArray:
                 )
         try:
             return np.asarray(array[key])
+        except (OSError, MemoryError, PipelineError):
+            raise  # the machine's problem (exit 1), or already one line
         except Exception as e:  # a truncated or corrupt chunk: codecs raise many types
             raise StoreError(
-                f"{self.store}: expected readable chunks of {self.name} for {key!r}, got "
-                f"{type(e).__name__}: {e}"
+                f"{self.store}: expected readable chunks in {self.name}, got "
+                f"{type(e).__name__}: {' '.join(str(e).split())}"
             ) from None
 
 

@@ -340,3 +340,129 @@ def test_catalogue_describes_every_family() -> None:
         assert r["layout"] in ("list", "columns")
         assert r["meaning"]
     assert set(STEPS) == {"median_blur", "binarize", "deskew", "center"}
+
+
+# ----------------------------------------------------------------------------- bounds: issue 10
+
+
+def _numeric_parameters() -> list[tuple[str, str, str, Any]]:
+    from pipeline.catalogue import _defaults
+
+    out = []
+    for kind, table in (("step", STEPS), ("family", {k: f.kernel for k, f in FAMILIES.items()})):
+        for name, fn in table.items():
+            for key, default in _defaults(fn).items():
+                if isinstance(default, int | float) and not isinstance(default, bool):
+                    out.append((kind, name, key, default))
+    return out
+
+
+def test_every_numeric_parameter_has_bounds_that_hold_its_default() -> None:
+    from pipeline.catalogue import PARAMETER_BOUNDS
+
+    params = _numeric_parameters()
+    assert len(params) >= 10
+    for kind, name, key, default in params:
+        assert key in PARAMETER_BOUNDS, (kind, name, key)
+        lo, hi = PARAMETER_BOUNDS[key]
+        assert lo <= default and (hi == "side" or default <= hi), (kind, name, key, default)
+
+
+def _hog(**params: Any) -> dict[str, Any]:
+    return {"features": [{"name": "h", "family": "hog", **params}]}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        lambda v: _hog(eps=v),
+        lambda v: _hog(power=v),
+        lambda v: {"features": [{"family": "crossings", "threshold": v}]},
+        lambda v: {
+            "views": {"b": [{"op": "binarize", "method": "fixed", "threshold": v}]},
+            "features": [{"family": "moments", "view": "b"}],
+        },
+    ],
+    ids=["hog-eps", "hog-power", "crossings-threshold", "binarize-threshold"],
+)
+def test_non_finite_floats_are_refused(raw: Any, value: float) -> None:
+    """`hog eps = nan` wrote all-NaN features (eps <= 0 is False for NaN)."""
+    with pytest.raises(FeatureConfigError, match="expected a finite number for"):
+        load_config(raw(value))
+
+
+def test_non_finite_floats_are_refused_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('[[features]]\nfamily = "hog"\neps = nan\n')
+    with pytest.raises(FeatureConfigError, match=r"family 'hog': expected a finite number for eps"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_hog(bins=100_000), r"expected bins in \[2, 360\], got 100000"),
+        (_hog(eps=0.0), r"expected eps in \[1e-12, 1000\], got 0.0"),
+        (_hog(power=50), r"expected power in \[0.01, 4\], got 50.0"),
+        (_hog(cell=0), "expected cell >= 1, got 0"),
+        (_hog(block=-1), "expected block >= 0, got -1"),
+        ({"features": [{"family": "zoning", "grid": 0}]}, "expected grid >= 1, got 0"),
+        ({"features": [{"family": "pixels", "factor": -2}]}, "expected factor >= 1, got -2"),
+        ({"features": [{"family": "topology", "threshold": 1.5}]}, r"threshold in \[0, 1\]"),
+        (
+            {"views": {"v": [{"op": "median_blur", "size": -3}]}, "features": [{"view": "v",
+             "family": "moments"}]},
+            "step 'median_blur': expected size >= 1, got -3",
+        ),
+    ],
+)  # fmt: skip
+def test_parameters_out_of_bounds_are_refused(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(FeatureConfigError, match=message):
+        load_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"views": {"blur": [{"op": "median_blur", "size": 999}]},
+             "features": [{"name": "px", "family": "pixels", "view": "blur"}]},
+            r"view 'blur' step 'median_blur' \(used by feature 'px'\): "
+            r"expected size <= image side 28, got 999",
+        ),
+        (_hog(cell=29), r"feature 'h' \(hog\): expected cell <= image side 28, got 29"),
+        (
+            {"features": [{"name": "z", "family": "zoning", "grid": 10**15}]},
+            "expected grid <= image side 28, got 1000000000000000",
+        ),
+    ],
+)  # fmt: skip
+def test_sizes_are_bounded_by_the_image_side(raw: dict[str, Any], message: str) -> None:
+    """`median_blur size=999` tried to allocate 36 GiB for 50 images of 28x28."""
+    from pipeline.catalogue import check_image_shape
+
+    config = load_config(raw)
+    with pytest.raises(FeatureConfigError, match=message):
+        check_image_shape(config, (28, 40))
+    check_image_shape(config, (2 * 10**15, 2 * 10**15))  # fine for (hypothetical) huge images
+
+
+@pytest.mark.parametrize("name", ["label", "image_id", "split"])
+def test_a_feature_named_like_a_fixed_column_is_refused(name: str) -> None:
+    with pytest.raises(FeatureConfigError, match=f"expected a name other than .* got '{name}'"):
+        load_config({"features": [{"name": name, "family": "pixels"}]})
+
+
+def test_columns_that_clash_after_expansion_are_refused() -> None:
+    # moments "m" makes column m_ink; a list feature named m_ink would take the same name
+    config = load_config(
+        {"features": [{"name": "m", "family": "moments"}, {"name": "m_ink", "family": "pixels"}]}
+    )
+    from pipeline.extract import feature_widths
+
+    widths = feature_widths(config, (28, 28))
+    with pytest.raises(
+        FeatureConfigError, match=r"expected distinct column names, got \['m_ink'\]"
+    ):
+        columns(config, widths, (28, 28))

@@ -474,3 +474,97 @@ def test_one_blas_thread_sets_defaults_only(
     one_blas_thread()
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         assert os.environ[var] == (preset or "1")  # a user's own setting wins
+
+
+# ----------------------------------------------------------------------------- issue 10
+
+
+@pytest.mark.parametrize(
+    ("error", "message", "code"),
+    [
+        (PermissionError(13, "Permission denied", "/data/x"), "/data/x: Permission denied", 1),
+        (OSError(28, "No space left on device", "/out/p"), "/out/p: No space left on device", 1),
+        (OSError(28, "No space left on device"), "No space left on device", 1),
+        (NotADirectoryError(20, "Not a directory", "/a/f/x"), "/a/f/x: Not a directory", 2),
+        (
+            OSError(18, "Invalid cross-device link", "a", None, "b"),
+            "a -> b: Invalid cross-device link",
+            1,
+        ),
+        (OSError("pyarrow says\nthis"), "pyarrow says this", 1),
+        (OSError(13, "Permission denied", os.fsdecode(b"n\xff")), "n\\xff: Permission denied", 1),
+    ],
+)
+def test_os_error_message(error: OSError, message: str, code: int) -> None:
+    from jobs.app import os_error_message
+
+    assert os_error_message(error) == (message, code)
+
+
+def test_existing_file_as_output_parent_is_bad_input(tmp_path: Path) -> None:
+    from jobs.app import os_error_message
+
+    (tmp_path / "f").write_text("")
+    error = FileExistsError(17, "File exists", str(tmp_path / "f"))
+    assert os_error_message(error) == (f"{tmp_path / 'f'}: expected a folder, got a file", 2)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("[ingset]\n", "unknown section [ingset] in"),
+        ("[ingset]\n", "did you mean [ingest]?"),
+        ("[nothing_like_it]\n", "expected one of [bench], [features], [fetch]"),
+        ("[ingest]\nchunk-sise = 3\n", "unknown key chunk-sise in [ingest] of"),
+        ("[ingest]\nchunk-sise = 3\n", "did you mean chunk_size?"),
+        ("[ingest]\nchunk_size = 2.0\n", "[ingest] chunk_size: expected an integer, got 2.0"),
+        ("[ingest]\nchunk_size = 0\n", "expected an integer >= 1, got 0"),
+        ("[ingest]\nforce = 1\n", "[ingest] force: expected true or false, got 1"),
+        ("[ingest]\nlock_timeout = nan\n", "expected a number, not nan, got nan"),
+        ("[ingest]\nlock_timeout = true\n", "expected a number, got true"),
+        ('[ingest]\nlog_format = "xml"\n', "expected one of 'human', 'json', got \"xml\""),
+        ("[ingest]\nout = 3\n", "[ingest] out: expected a string, got 3"),
+    ],
+)
+def test_config_is_checked_against_the_registered_options(
+    tmp_path: Path, content: str, fragment: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(content)
+    result = invoke("--config", config, "config", "show")
+    assert_clean_error(result, 2, fragment)
+
+
+def test_config_accepts_what_the_options_accept(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[ingest]\nchunk-size = 5\nlock_timeout = 2\nforce = true\nlog_level = "debug"\n'
+        'out = "x.zarr"\n'
+    )
+    shown = show("--config", config)["ingest"]
+    assert shown["chunk_size"] == ("5", "config")
+    assert shown["lock_timeout"] == ("2.0", "config")
+    assert shown["force"] == ("True", "config")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("MNIST_PIPELINE_INGEST_FORCE", "maybe", "expected true or false"),
+        ("MNIST_PIPELINE_INGEST_FORCE", "t", "expected true or false"),
+        ("MNIST_PIPELINE_INGEST_CHUNK_SIZE", "1e3", "expected an integer, got '1e3'"),
+        ("MNIST_PIPELINE_INGEST_CHUNK_SIZE", "0", "expected an integer >= 1, got '0'"),
+        ("MNIST_PIPELINE_INGEST_LOCK_TIMEOUT", "soon", "expected a number, got 'soon'"),
+        ("MNIST_PIPELINE_INGEST_LOG_FORMAT", "xml", "expected one of 'human', 'json'"),
+    ],
+)
+def test_environment_values_are_checked_in_one_line(name: str, value: str, fragment: str) -> None:
+    result = invoke("config", "show", env={name: value})
+    assert_clean_error(result, 2, f"{name}: {fragment}")
+
+
+@pytest.mark.parametrize("value", ["1", "0", "true", "FALSE", "yes", "no", "on", "off", ""])
+def test_environment_booleans_that_are_accepted(value: str) -> None:
+    shown = show(env={"MNIST_PIPELINE_INGEST_FORCE": value})
+    expected = "False" if value.lower() in ("0", "false", "no", "off", "") else "True"
+    assert shown["ingest"]["force"][0] == expected

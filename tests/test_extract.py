@@ -281,9 +281,10 @@ def test_the_same_parameters_can_be_fine_on_another_image_size() -> None:
 )
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_feature_widths_rejects_degenerate_hog_parameters(params: dict[str, int]) -> None:
-    config = load_config({"features": [{"name": "h", "family": "hog", **params}]})
-    with pytest.raises(FeatureConfigError):
-        feature_widths(config, (28, 28))
+    with pytest.raises(FeatureConfigError):  # since issue 10 already by load_config's bounds
+        feature_widths(
+            load_config({"features": [{"name": "h", "family": "hog", **params}]}), (28, 28)
+        )
 
 
 def test_sub_batches_on_non_square_images(full_config: FeatureConfig) -> None:

@@ -402,3 +402,72 @@ def test_real_mnist_ingest(tmp_path: Path, real_mnist_dir: Path) -> None:
         assert root.attrs["sources"][keys[spec.name]]["content_sha256"] == spec.sha256
         assert root.attrs["sources"][keys[spec.name]]["content_bytes"] == spec.bytes
     assert not temp_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- bad input: issue 10
+
+
+def _corrupt_payload(path: Path) -> None:
+    """Flip bytes of a gzip file's deflate stream well after the idx header, so the header
+    reads fine and the stream breaks only while the content is read."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) - 16):
+        data[i] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_gzip_payload_is_bad_input(tmp_path: Path, dataset: SyntheticDataset) -> None:
+    """Was ChecksumError (exit 1) from the content digest: a corrupt input is bad input."""
+    _corrupt_payload(dataset.paths[("train", "images")])
+    out = tmp_path / "mnist.zarr"
+    with pytest.raises(IdxFormatError, match="expected a valid gzip stream") as info:
+        ingest(out=out, sources=sources_of(dataset), lock_timeout=0)
+    assert MNIST_NAMES[("train", "images")] in str(info.value)
+    assert info.value.exit_code == 2
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")]
+)
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_non_finite_float_images_are_refused(
+    tmp_path: Path, dataset: SyntheticDataset, value: float, kind: str, dtype: str
+) -> None:
+    images = dataset.images("train").astype(dtype) / 255
+    images[37, 3, 4] = value  # in the fourth chunk of 10
+    _replace(dataset, ("train", "images"), images)
+    _replace(dataset, ("test", "images"), dataset.images("test").astype(dtype) / 255)
+    out = tmp_path / "mnist.zarr"
+    with pytest.raises(IdxFormatError, match=f"expected finite pixel values, got {kind}.*37"):
+        ingest(out=out, sources=sources_of(dataset), chunk_size=10, lock_timeout=0)
+    assert_nothing_written(out)
+
+
+def test_finite_float_images_are_accepted(tmp_path: Path, dataset: SyntheticDataset) -> None:
+    for split in ("train", "test"):
+        _replace(dataset, (split, "images"), dataset.images(split).astype(">f4") / 255)
+    out = tmp_path / "mnist.zarr"
+    ingest(out=out, sources=sources_of(dataset), chunk_size=10, lock_timeout=0)
+    stored = split_arrays(open_store(out), "train")[0][:]
+    np.testing.assert_array_equal(stored, dataset.images("train").astype(np.float32) / 255)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((0, 28, 28), np.uint8), "expected at least one train image, got 0"),
+        (np.zeros((50, 0, 28), np.uint8), r"at least 1x1 pixels, got shape \(50, 0, 28\)"),
+        (np.zeros((50, 28, 0), np.uint8), r"at least 1x1 pixels, got shape \(50, 28, 0\)"),
+    ],
+    ids=["no-images", "zero-height", "zero-width"],
+)
+def test_empty_split_and_zero_size_images_are_refused(
+    tmp_path: Path, dataset: SyntheticDataset, images: np.ndarray, message: str
+) -> None:
+    _replace(dataset, ("train", "images"), images)
+    _replace(dataset, ("train", "labels"), np.zeros(len(images), np.uint8))
+    out = tmp_path / "mnist.zarr"
+    with pytest.raises(InputError, match=message):
+        ingest(out=out, sources=sources_of(dataset), lock_timeout=0)
+    assert_nothing_written(out)

@@ -252,3 +252,58 @@ def test_read_features_of_multi_chunk_columns(built: Built, tmp_path: Path) -> N
     b = read_features(folder, split="train")
     np.testing.assert_array_equal(a.X, b.X)
     np.testing.assert_array_equal(a.y, b.y)
+
+
+# ----------------------------------------------------------------------------- damaged parts
+
+
+def _damaged_copy(built: Built, tmp_path: Path, damage: str, part: str) -> Path:
+    import shutil
+
+    folder = tmp_path / "features"
+    shutil.copytree(built.folder, folder)
+    path = folder / part
+    data = bytearray(path.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    elif damage == "garbage-pages":  # footer intact, page headers destroyed
+        data[4 : len(data) // 2] = bytes(len(data) // 2 - 4)
+    else:
+        data = data[:10]
+    path.write_bytes(bytes(data))
+    # A manifest that lists the damaged bytes (as if features had written them so): the
+    # part then reaches the parquet decoder instead of failing its checksum.
+    manifest = json.loads(manifest_path(built.folder).read_text())
+    for entry in manifest["result"]["part_files"]:
+        if entry["name"] == part:
+            entry["crc32c"] = part_checksum(bytes(data))
+    manifest_path(folder).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage-pages", "ten-bytes"])
+@pytest.mark.parametrize("part", ["train-00000.parquet", "train-00002.parquet"])
+def test_a_damaged_part_is_a_store_error_naming_it(
+    built: Built, tmp_path: Path, damage: str, part: str
+) -> None:
+    """Was pyarrow's ArrowInvalid/OSError traceback out of train. Part 0 is also the one
+    :func:`read_meta` reads the schema of."""
+    folder = _damaged_copy(built, tmp_path, damage, part)
+    with pytest.raises(StoreError, match="expected a readable parquet part") as info:
+        read_features(folder, split="train")
+    assert str(folder / part) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_system_error_reading_a_part_stays_an_os_error(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error", "x.parquet")
+
+    monkeypatch.setattr(pq, "read_table", fail)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        read_features(built.folder, split="train")
+    assert not isinstance(info.value, StoreError)

@@ -751,3 +751,24 @@ def test_cli_default_batch_size_matches_the_library() -> None:
     import pipeline.score
 
     assert jobs.score.DEFAULT_BATCH_SIZE == pipeline.score.DEFAULT_BATCH_SIZE
+
+
+def test_walk_reports_names_that_are_not_utf8_as_rows(tmp_path: Path) -> None:
+    """One such name stopped a whole score run (UnicodeEncodeError in the fingerprint)."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    for name in (b"a.png", b"bad\xff\xfe.png", b"sub/caf\xc3\xa9.png", b"sub/x\xe9.png"):
+        (root / os.fsdecode(name)).write_bytes(b"")
+    (root / os.fsdecode(b"dir\xff")).mkdir()
+    (root / os.fsdecode(b"dir\xff/in.png")).write_bytes(b"")
+    got = list(walk_images(root))
+    bad = "expected a file name that is valid UTF-8, got other bytes (shown as \\x escapes)"
+    assert got == [
+        ("a.png", None),
+        ("bad\\xff\\xfe.png", bad),
+        ("dir\\xff/in.png", bad),
+        ("sub/café.png", None),  # valid UTF-8, not ASCII: scored as usual
+        ("sub/x\\xe9.png", bad),
+    ]
+    for rel, _ in got:
+        rel.encode()  # every path is valid UTF-8 now
