@@ -622,7 +622,19 @@ def _prepare_partial(tmp: Path, *, state: dict[str, Any], resume: bool) -> dict[
             for p in sorted(tmp.iterdir()):
                 i = _part_index(p.name)
                 if i is not None:
-                    status = pq.read_table(p, columns=["status"]).column("status")
+                    try:
+                        status = pq.read_table(p, columns=["status"]).column("status")
+                    except (pa.ArrowException, OSError) as e:
+                        # Parts are renamed into place complete: a damaged one was damaged
+                        # afterwards. Score that batch again rather than trust or fail.
+                        log.warning(
+                            "rescoring batch %d: its part %s is unreadable (%s)",
+                            i,
+                            p,
+                            " ".join(str(e).split()),
+                        )
+                        p.unlink()
+                        continue
                     n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
                     kept[i] = BatchResult(n_ok, len(status) - n_ok)
                 elif p.name != STATE_FILE:

@@ -437,6 +437,20 @@ def test_resume_continues_without_duplicates_or_losses(
     np.testing.assert_array_equal(df["prediction"], expected(model_dir, digits(95))[0])
 
 
+def test_resume_rescores_a_part_damaged_after_it_was_written(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = killed_run(tmp_path, model_dir, monkeypatch, 95)
+    damaged = sorted(temp_path(out).glob("part-*.parquet"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    killer = Killer()
+    monkeypatch.setattr(score_mod, "score_file_batch", killer)
+    run(model_dir, tmp_path / "in", out, batch_size=10, workers=1, resume=True)
+    assert int(damaged.name[5:10]) in killer.calls
+    df = read(out)
+    assert len(df) == 95 and df["path"].is_unique
+
+
 def test_without_resume_a_partial_is_discarded(
     tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
