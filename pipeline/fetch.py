@@ -152,8 +152,15 @@ def _fetch_one(spec: FileSpec, dest_dir: Path, sources: Sequence[str], *, timeou
         return origin
     if all(isinstance(e, ChecksumError) for e in failures):
         raise ChecksumError(f"no source gave the expected content; {failures[-1]}")
+    hint = (
+        "; without network, point source (--source or MNIST_SOURCE) at a folder holding "
+        "the idx files"
+        if any(is_url(s) for s in sources)
+        else ""
+    )
     raise FetchError(
-        f"{spec.name}: expected it from {len(sources)} source(s), got none; last: {failures[-1]}"
+        f"{spec.name}: expected it from {len(sources)} source(s), got none; last: "
+        f"{failures[-1]}{hint}"
     )
 
 

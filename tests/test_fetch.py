@@ -273,8 +273,10 @@ def test_all_mirrors_bad(
         fetch_mnist(dest, files=specs_for(dataset), timeout=10)
     # a mix of failures -> FetchError naming the number of sources
     monkeypatch.setattr(fetch_mod, "DEFAULT_MIRRORS", (corrupt_url, missing_url))
-    with pytest.raises(FetchError, match=r"expected it from 2 source\(s\)"):
+    with pytest.raises(FetchError, match=r"expected it from 2 source\(s\)") as info:
         fetch_mnist(dest, files=specs_for(dataset), timeout=10)
+    # No network (mirrors unreachable): the message says how to use a local copy.
+    assert "--source or MNIST_SOURCE" in str(info.value)
     assert list(dest.iterdir()) == []
 
 
