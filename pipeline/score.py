@@ -84,7 +84,8 @@ from pipeline.paths import local_path
 from pipeline.stage import StageResult, manifest_path, run_stage, temp_path
 from pipeline.store import StrictArray, open_store, strict_arrays
 
-InputKind = Literal["folder", "zarr", "idx"]
+#: ``files``: image files and folders of them given together (or one image file).
+InputKind = Literal["folder", "files", "zarr", "idx"]
 FORMAT = "mnist-pipeline/predictions/1"
 DEFAULT_BATCH_SIZE = 2048
 PART_NAME = "part-{:05d}.parquet"
@@ -202,16 +203,36 @@ def check_image_shape(scoring: ScoringModel, image_shape: tuple[int, int]) -> No
 
 
 def detect_input(path: Path) -> InputKind:
-    """What kind of input ``path`` is: a zarr store, a folder of images or an idx file."""
+    """What kind of input ``path`` is: a zarr store, a folder of images, an idx file (by
+    its first bytes: idx starts with two zero bytes, or is gzip) or an image file."""
     path = Path(path)
     if path.is_dir():
         return "zarr" if (path / "zarr.json").is_file() else "folder"
     if path.is_file():
-        return "idx"
+        with path.open("rb") as f:
+            head = f.read(2)
+        return "idx" if head in (b"\0\0", b"\x1f\x8b") else "files"
     raise InputError(
-        f"INPUT: expected a folder of images, a zarr store or an idx file at {path}, "
-        "got no such file or folder"
+        f"INPUT: expected a folder of images, a zarr store, an idx file or an image file at "
+        f"{path}, got no such file or folder"
     )
+
+
+def detect_inputs(paths: Sequence[Path]) -> InputKind:
+    """The kind of several inputs together: one zarr store or idx file alone, or any
+    number of image files and folders (``files``; one folder alone is ``folder``)."""
+    if not paths:
+        raise InputError("INPUT: expected at least one input, got none")
+    kinds = [detect_input(p) for p in paths]
+    if len(paths) == 1:
+        return kinds[0]
+    single = [f"{p} ({k})" for p, k in zip(paths, kinds, strict=True) if k in ("zarr", "idx")]
+    if single:
+        raise InputError(
+            f"INPUT: expected image files and folders, or one zarr store or idx file alone, "
+            f"got {len(paths)} inputs including {', '.join(single)}"
+        )
+    return "files"
 
 
 def glob_matcher(globs: Sequence[str]) -> Callable[[str, str], bool]:
@@ -351,6 +372,37 @@ def walk_images(
             yield rel, _SPECIAL
 
 
+def walk_inputs(
+    paths: Sequence[str], *, globs: Sequence[str], out: Path | None = None
+) -> Iterator[WalkItem]:
+    """The files of several inputs in the order given, each folder walked like
+    :func:`walk_images`. Paths are yielded as given (a folder's files joined to it), so
+    they read relative to the current folder or as absolute paths; files named
+    explicitly are scored whatever ``globs`` say."""
+    for given in paths:
+        if Path(given).is_dir():
+            exclude = _own_files(Path(given), out) if out is not None else frozenset()
+            for rel, problem in walk_images(Path(given), globs=globs, exclude=exclude):
+                yield os.path.join(given, rel), problem  # noqa: PTH118 (str paths: hot loop)
+        else:
+            yield given, None
+
+
+def _stat_digest(root: str, items: Iterable[WalkItem]) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    for rel, problem in items:
+        try:
+            # str paths and os.stat: no Path object per file on a walk of millions
+            st = os.stat(os.path.join(root, rel), follow_symlinks=problem is None)  # noqa: PTH116, PTH118
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = -1
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        n += 1
+    return h.hexdigest(), n
+
+
 def folder_fingerprint(
     root: Path, *, globs: Sequence[str] = DEFAULT_GLOBS, exclude: frozenset[str] = frozenset()
 ) -> tuple[str, int]:
@@ -359,19 +411,7 @@ def folder_fingerprint(
     The stat-based fingerprint of :func:`pipeline.fingerprint.stat_fingerprint`, but over
     exactly the files ``score`` reads and streamed, so memory does not grow with the folder.
     """
-    h = hashlib.sha256()
-    n = 0
-    root_s = os.fspath(root)
-    for rel, problem in walk_images(root, globs=globs, exclude=exclude):
-        try:
-            # str paths and os.stat: no Path object per file on a walk of millions
-            st = os.stat(f"{root_s}/{rel}", follow_symlinks=problem is None)  # noqa: PTH116
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            size = mtime = -1
-        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
-        n += 1
-    return h.hexdigest(), n
+    return _stat_digest(os.fspath(root), walk_images(root, globs=globs, exclude=exclude))
 
 
 def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -516,13 +556,13 @@ def score_file_batch(
     images = np.zeros((n, *MNIST_SHAPE), np.uint8)
     ok = np.zeros(n, bool)
     status = ["ok"] * n
-    prefix = root + "/"
     for j, (rel, problem) in enumerate(items):
         if problem is not None:
             status[j] = problem
             continue
         try:
-            images[j] = to_mnist(read_gray(prefix + rel), normalize=normalize)
+            # join: absolute paths of a list of files stay as they are
+            images[j] = to_mnist(read_gray(os.path.join(root, rel)), normalize=normalize)  # noqa: PTH118
         except BadImageError as e:
             status[j] = e.reason
             continue
@@ -668,6 +708,17 @@ class _Job:
     scheduler: str | None
     workers: int | None
     exclude: frozenset[str] = frozenset()
+    #: ``files`` inputs: the paths as given (``source`` is then the current folder).
+    files: tuple[str, ...] = ()
+    out: Path | None = None
+    allow_empty: bool = False
+
+    def walk(self) -> tuple[str, Iterator[WalkItem]]:
+        """The absolute folder the walked paths are relative to, and the walk."""
+        if self.kind == "files":
+            return os.fspath(Path.cwd()), walk_inputs(self.files, globs=self.globs, out=self.out)
+        walk = walk_images(self.source, globs=self.globs, exclude=self.exclude)
+        return os.fspath(self.source.resolve()), walk
 
 
 def _batch_tasks(
@@ -676,9 +727,8 @@ def _batch_tasks(
     """``(index, task, rows)`` for every batch not in ``skip``, produced lazily."""
     common: dict[str, Any] = {"out_dir": out_dir, "scoring": job.scoring, "schema": schema}
     B = job.batch_size
-    if job.kind == "folder":
-        root = os.fspath(job.source.resolve())
-        walk = walk_images(job.source, globs=job.globs, exclude=job.exclude)
+    if job.kind in ("folder", "files"):
+        root, walk = job.walk()
         for i, items in enumerate(_batched(walk, B)):
             if i not in skip:
                 # traverse=False: dask would otherwise walk every (path, problem) tuple of
@@ -739,9 +789,16 @@ def build_predictions(
     ``meta`` goes into the parquet schema metadata; ``state`` (inputs' fingerprints and
     parameters) decides whether a partial output may be resumed.
     """
+    if total == 0 and not job.allow_empty:
+        where = ", ".join(job.files) if job.kind == "files" else job.source
+        raise InputError(
+            f"INPUT: expected images to score in {where}, got none (allow_empty writes an "
+            "empty output instead)"
+        )
     refuse_decompression_bombs()
     kept = _prepare_partial(out_dir, state=state, resume=resume)
-    id_column: Literal["path", "image_index"] = "path" if job.kind == "folder" else "image_index"
+    files = job.kind in ("folder", "files")
+    id_column: Literal["path", "image_index"] = "path" if files else "image_index"
     schema = prediction_schema(job.scoring, id_column=id_column, meta=meta)
     totals = _Totals(resumed_parts=len(kept))
     for r in kept.values():
@@ -754,7 +811,7 @@ def build_predictions(
             logger=log,
             scheduler=job.scheduler,
             workers=job.workers,
-            processes=job.kind == "folder",
+            processes=files,
             worker_init=refuse_decompression_bombs,
             preload=("pipeline.score", "pipeline.jit"),
         ) as (run_window, slots),
@@ -812,8 +869,8 @@ def build_predictions(
 
 #: Which input kinds each kind-specific option applies to, and its command-line name.
 _APPLIES_TO: dict[str, tuple[str, tuple[InputKind, ...]]] = {
-    "globs": ("--glob", ("folder",)),
-    "normalize": ("--normalize", ("folder",)),
+    "globs": ("--glob", ("folder", "files")),
+    "normalize": ("--normalize", ("folder", "files")),
     "split": ("--split", ("zarr",)),
 }
 
@@ -822,22 +879,24 @@ def _check_applicable(kind: InputKind, source: Path, given: Collection[str]) -> 
     for name in given:
         flag, kinds = _APPLIES_TO[name]
         if kind not in kinds:
+            names = {"files": "image file", "folder": "folder"}
             raise InputError(
-                f"{flag}: applies to {' or '.join(kinds)} inputs only, got {source} "
-                f"(a {kind} input)"
+                f"{flag}: applies to {' or '.join(names.get(k, k) for k in kinds)} inputs "
+                f"only, got {source} (a {kind} input)"
             )
 
 
 def score(
     *,
     model: Path,
-    source: Path,
+    source: Path | Sequence[Path],
     out: Path,
     globs: Sequence[str] = DEFAULT_GLOBS,
     split: str = "test",
     normalize: Normalize = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = False,
+    allow_empty: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,
     force: bool = False,
@@ -850,8 +909,9 @@ def score(
     ----------
     model : Path
         Model artifact folder (``model.json`` + ``model.npz``).
-    source : Path
-        Folder of images, zarr dataset store, or idx images file.
+    source : Path or sequence of Path
+        Folder of images, zarr dataset store, or idx images file; or image files and
+        folders of them (their rows are named by the paths as given).
     out : Path
         Parquet dataset folder to write.
     globs : sequence of str
@@ -859,11 +919,13 @@ def score(
     split : str
         Split of a zarr store input.
     normalize : {"auto", "always", "never"}
-        How folder images are brought to MNIST format (:func:`pipeline.images.to_mnist`).
+        How image files are brought to MNIST format (:func:`pipeline.images.to_mnist`).
     batch_size : int
         Inputs per task and per output part.
     resume : bool
         Continue the partial output of a killed run with the same inputs and parameters.
+    allow_empty : bool
+        Write an empty output for an input without images (else that is an error).
     given : collection of str
         Names of the options the user set explicitly (``globs``, ``split``, ``normalize``):
         one that does not apply to the input's kind is an error, not silently ignored.
@@ -872,20 +934,35 @@ def score(
         raise InputError(f"--batch-size: expected a positive number of images, got {batch_size}")
     if normalize not in ("auto", "always", "never"):
         raise InputError(f"--normalize: expected auto, always or never, got {normalize!r}")
-    source = local_path(source, what="INPUT")
+    typed = [source] if isinstance(source, str | os.PathLike) else list(source)
+    sources = [local_path(p, what="INPUT") for p in typed]
     model = local_path(model, what="model")
     out = local_path(out, what="output")
-    kind = detect_input(source)
-    _check_applicable(kind, source, given)
+    kind = detect_inputs(sources)
+    _check_applicable(kind, sources[0], given)
     globs = tuple(globs) or DEFAULT_GLOBS
-    exclude = _own_files(source, out) if kind == "folder" else frozenset()
+    root = sources[0] if kind != "files" else Path.cwd()
+    exclude = _own_files(root, out) if kind == "folder" else frozenset()
+    files = tuple(os.fspath(p) for p in typed) if kind == "files" else ()
 
     def make_job(scoring: ScoringModel) -> tuple[_Job, int]:
         """The job for ``scoring``, and how many stored images a zarr or idx input has."""
         job = _Job(
-            kind, source, scoring, globs, split, normalize, batch_size, scheduler, workers, exclude
+            kind,
+            root,
+            scoring,
+            globs,
+            split,
+            normalize,
+            batch_size,
+            scheduler,
+            workers,
+            exclude,
+            files=files,
+            out=out,
+            allow_empty=allow_empty,
         )
-        if kind == "folder":
+        if kind in ("folder", "files"):
             check_image_shape(scoring, MNIST_SHAPE)
             return job, 0
         n_stored, height, width = _input_shape(job)
@@ -894,27 +971,40 @@ def score(
 
     # Fail fast on a bad model or input, before waiting for the lock; what is scored is
     # the model as read again under the lock (see _ModelUnderLock).
-    if kind == "folder":
+    if kind in ("folder", "files"):
         glob_matcher(globs)
     make_job(load_scoring_model(model))
     params: dict[str, Any] = {"input_kind": kind, "batch_size": batch_size}
-    if kind == "folder":
+    if kind in ("folder", "files"):
         params.update(globs=list(globs), normalize=normalize)
     elif kind == "zarr":
         params["split"] = split
+    if kind == "files":
+        params["inputs"] = list(files)  # the names its rows carry
     model_input = _ModelUnderLock(model)
     fingerprints: dict[str, str] = {}
-    counts: dict[str, int] = {}
+    counts = {"files": 0}
+    inputs = (
+        {"input": sources[0]}
+        if len(sources) == 1
+        else {f"input {i}": p for i, p in enumerate(sources, 1)}
+    )
 
     def fingerprint(path: Path) -> str:
-        if path == source:
-            if kind == "folder":
-                digest, counts["files"] = folder_fingerprint(path, globs=globs, exclude=exclude)
-            else:
-                digest = content_fingerprint(path)
-            fingerprints["input"] = digest
-        else:
+        if path == model:
             digest = fingerprints["model"] = model_input.fingerprint()
+            return digest
+        if kind == "folder":
+            digest, n = folder_fingerprint(path, globs=globs, exclude=exclude)
+        elif kind == "files":
+            given_as = files[sources.index(path)]
+            digest, n = _stat_digest(
+                os.fspath(Path.cwd()), walk_inputs([given_as], globs=globs, out=out)
+            )
+        else:
+            digest, n = content_fingerprint(path), 0
+        counts["files"] += n
+        fingerprints[next(k for k, v in inputs.items() if v == path)] = digest
         return digest
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -930,7 +1020,7 @@ def score(
             "threshold": scoring.model.threshold,
             "classes": scoring.classes,
             "feature_config_hash": scoring.config.hash,
-            "input": os.fspath(source),
+            "input": ", ".join(os.fspath(p) for p in sources),
             **params,
         }
         state = {
@@ -939,7 +1029,7 @@ def score(
             "params": params,
             "inputs": fingerprints,
         }
-        total = counts["files"] if kind == "folder" else n_stored
+        total = counts["files"] if kind in ("folder", "files") else n_stored
         return build_predictions(tmp, job=job, meta=meta, state=state, total=total, resume=resume)
 
     # resume=True always: the partial of a run that dies is kept for a later --resume;
@@ -947,7 +1037,7 @@ def score(
     return run_stage(
         "score",
         output=out,
-        inputs={"model": model, "input": source},
+        inputs={"model": model, **inputs},
         params=params,
         build=build,
         force=force,

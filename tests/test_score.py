@@ -239,12 +239,61 @@ def test_distributed_scheduler(tmp_path: Path, model_dir: Path) -> None:
     )
 
 
+def test_empty_folder_is_an_error_unless_allowed(tmp_path: Path, model_dir: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="expected images to score in .*got none"):
+        run(model_dir, tmp_path / "in", tmp_path / "pred.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pred.parquet.lock", "in"]
+
+
 def test_empty_folder_gives_an_empty_readable_dataset(tmp_path: Path, model_dir: Path) -> None:
     (tmp_path / "in").mkdir()
-    result = run(model_dir, tmp_path / "in", tmp_path / "pred.parquet")
+    result = run(model_dir, tmp_path / "in", tmp_path / "pred.parquet", allow_empty=True)
     assert result.result["rows"] == 0
     df = pd.read_parquet(result.output)
     assert len(df) == 0 and "prediction" in df.columns
+
+
+def test_image_files_and_folders_given_together(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'What digit is this?': files named on the command line (a JPEG given alone is not
+    read as idx), folders beside them, rows named as the paths were given."""
+    monkeypatch.chdir(tmp_path)
+    images = digits(7)
+    Path("more").mkdir()
+    for i in range(4):
+        Image.fromarray(images[i]).save(f"more/{i}.png")
+    Image.fromarray(images[4]).save("one.png")
+    Image.fromarray(images[5]).convert("RGB").save("two.jpg", quality=100)
+    absolute = tmp_path / "three.bmp"
+    Image.fromarray(images[6]).save(absolute)
+    alone = run(model_dir, Path("two.jpg"), tmp_path / "alone.parquet")
+    assert alone.result["input_kind"] == "files"
+    assert read(alone.output)["path"].tolist() == ["two.jpg"]
+
+    result = run(model_dir, [Path("one.png"), Path("more"), absolute], tmp_path / "p.parquet")
+    df = read(result.output)
+    assert df["path"].tolist() == ["one.png", *(f"more/{i}.png" for i in range(4)), str(absolute)]
+    assert (df["status"] == "ok").all()
+    order = [4, 0, 1, 2, 3, 6]
+    np.testing.assert_array_equal(
+        df["prediction"].to_numpy()[[0, 1, 2, 3, 4, 5]], expected(model_dir, images[order])[0]
+    )
+    again = run(model_dir, [Path("one.png"), Path("more"), absolute], tmp_path / "p.parquet")
+    assert again.skipped
+    Image.fromarray(images[0]).save("more/new.png")
+    assert not run(model_dir, [Path("one.png"), Path("more"), absolute],
+                   tmp_path / "p.parquet").skipped  # fmt: skip
+
+
+def test_a_store_or_idx_file_must_be_the_only_input(tmp_path: Path, model_dir: Path) -> None:
+    idx = tmp_path / "images.idx"
+    write_idx(idx, digits(3))
+    Image.fromarray(digits(1)[0]).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="or one zarr store or idx file alone"):
+        run(model_dir, [tmp_path / "a.png", idx], tmp_path / "p.parquet")
 
 
 # ------------------------------------------------------------------------------ bad files
@@ -594,8 +643,8 @@ def test_cli_scores_a_folder(tmp_path: Path, model_dir: Path) -> None:
     ("setup", "fragment"),
     [
         ("no-model", "expected a model folder"),
-        ("no-input", "expected a folder of images, a zarr store or an idx file"),
-        ("not-idx", "not an idx file"),
+        ("no-input", "expected a folder of images, a zarr store, an idx file or an image file"),
+        ("not-idx", "expected idx type code"),
         ("bad-config", "expected a loadable feature_config"),
         ("no-config", "expected a feature_config object"),
         ("edited-config", "feature_config_hash"),
@@ -611,9 +660,9 @@ def test_bad_usage_is_exit_2(tmp_path: Path, model_dir: Path, setup: str, fragme
         model = tmp_path / "nope"
     elif setup == "no-input":
         src = tmp_path / "missing"
-    elif setup == "not-idx":
-        src = tmp_path / "digit.png"
-        Image.fromarray(mnist_like()).save(src)
+    elif setup == "not-idx":  # starts like idx (an image file given alone is scored)
+        src = tmp_path / "broken.idx"
+        src.write_bytes(b"\0\0\x42\x03garbage")
     elif setup in ("bad-config", "no-config", "edited-config"):
         model = make_model(tmp_path / "m")
         doc = json.loads((model / "model.json").read_text())
@@ -654,8 +703,12 @@ def test_bad_usage_is_exit_2(tmp_path: Path, model_dir: Path, setup: str, fragme
     ("kind", "option", "expected"),
     [
         ("folder", ["--split", "train"], "--split: applies to zarr inputs only"),
-        ("zarr", ["--glob", "*.png"], "--glob: applies to folder inputs only"),
-        ("idx", ["--normalize", "always"], "--normalize: applies to folder inputs only"),
+        ("zarr", ["--glob", "*.png"], "--glob: applies to folder or image file inputs only"),
+        (
+            "idx",
+            ["--normalize", "always"],
+            "--normalize: applies to folder or image file inputs only",
+        ),
         ("idx", ["--split", "test"], "--split: applies to zarr inputs only"),
     ],
 )
