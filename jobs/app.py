@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import typer
 
 from pipeline.errors import PipelineError
 from pipeline.logs import LogFormat, configure_logging
+from pipeline.stage import Terminated
 
 app = typer.Typer(
     name="mnist-pipeline",
@@ -52,12 +54,24 @@ Scheduler = Annotated[
     str | None,
     typer.Option(
         "--scheduler",
-        help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+        help="dask.distributed scheduler address (tcp://host:8786); default: this machine. "
+        "Connecting waits up to dask's distributed.comm.timeouts.connect (30 s; e.g. "
+        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=10s).",
+    ),
+]
+WorkerTimeout = Annotated[
+    float,
+    typer.Option(
+        "--worker-timeout",
+        help="With --scheduler: fail when the cluster has had no worker for this many "
+        "seconds while tasks wait.",
     ),
 ]
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", help="Threads of the local scheduler (default: all CPUs).", min=1),
+    typer.Option(
+        "--workers", help="Local threads or processes (default: the CPUs this job may use).", min=1
+    ),
 ]
 LogFormatOpt = Annotated[
     Literal["human", "json"],
@@ -132,19 +146,73 @@ def one_blas_thread() -> None:
         os.environ.setdefault(var, "1")
 
 
+#: Exit codes of a job stopped by a signal: 128 + the signal's number, as a shell reports.
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what scancel, systemd, docker stop... send
+
+
+def interrupted_exit(e: KeyboardInterrupt) -> int:
+    """The exit code of a job stopped by ``e``: SIGTERM (``Terminated``) or Ctrl-C."""
+    return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
+
+
+def interrupted_by(e: KeyboardInterrupt) -> str:
+    """``terminated (SIGTERM)`` or ``interrupted``, for the job's last line."""
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
 @contextlib.contextmanager
-def job(log_format: str, log_level: str) -> Iterator[None]:
-    """Set up logging and turn pipeline errors into a one-line message and an exit code."""
+def job(
+    log_format: str,
+    log_level: str,
+    *,
+    scheduler: str | None = None,
+    worker_timeout: float | None = None,
+) -> Iterator[None]:
+    """Set up logging and turn pipeline errors into a one-line message and an exit code.
+
+    SIGTERM raises :class:`~pipeline.stage.Terminated` for the whole block (the stage
+    runner does the same for its own part) and ends the job with exit code 143, Ctrl-C
+    with 130. Jobs that take ``--scheduler`` pass it and ``--worker-timeout``: the address
+    is checked before any work starts.
+    """
     fmt: LogFormat = "json" if log_format == "json" else "human"
     configure_logging(fmt=fmt, level=log_level)
     try:
-        yield
+        with _sigterm_raises(), contextlib.ExitStack() as stack:
+            if scheduler is not None or worker_timeout is not None:
+                # lazy: pipeline.parallel imports dask
+                from pipeline.parallel import check_scheduler_address, cluster_settings
+
+                if scheduler is not None:
+                    check_scheduler_address(scheduler)
+                if worker_timeout is not None:
+                    stack.enter_context(cluster_settings(no_worker_timeout=worker_timeout))
+            yield
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; no partial output was kept", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        typer.echo(f"error: {interrupted_by(e)}; no partial output was kept", err=True)
+        raise typer.Exit(interrupted_exit(e)) from None
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in the main thread while the block runs."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a test runner's): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report(message: str) -> None:
