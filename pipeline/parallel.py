@@ -191,15 +191,16 @@ def _distributed(
             f"--worker-timeout: expected a positive number of seconds, got {no_worker_timeout}"
         )
     from dask.utils import parse_timedelta
-    from distributed import Client, KilledWorker, wait
+    from distributed import Client, KilledWorker, as_completed
+    from distributed.client import FutureCancelledError
 
     connect = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")))
     try:
         client = Client(scheduler, timeout=connect, set_as_default=False)
     except (OSError, TimeoutError) as e:
         raise ClusterError(
-            f"--scheduler: expected a dask scheduler reachable at {scheduler} within "
-            f"{connect:g} s, got {_one_line(e)}"
+            f"--scheduler: expected a reachable dask scheduler at {scheduler}, got: "
+            f"{_one_line(e)}"
         ) from None
 
     def lost(e: BaseException) -> ClusterError:
@@ -216,53 +217,31 @@ def _distributed(
         logger.info(
             "running on dask cluster %s (%d workers, %d threads)", scheduler, len(info), slots
         )
-        # Between waits for the next finished task: short enough to notice a cluster
-        # without workers soon after no_worker_timeout, long enough to cost nothing.
-        poll = min(1.0, no_worker_timeout / 4)
-
         def run_remote(
             tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
         ) -> list[Any]:
             futures = client.compute(tasks)
             weight_of = {f.key: w for f, w in zip(futures, weights, strict=True)}
-            pending = set(futures)
-            alone_since: float | None = None  # when the cluster was last seen without workers
+            watch = _WorkerWatch(
+                client, futures, scheduler=scheduler, timeout=no_worker_timeout, logger=logger
+            )
             try:
-                while pending:
-                    try:
-                        done, pending = wait(pending, timeout=poll, return_when="FIRST_COMPLETED")
-                    except TimeoutError:
-                        done = set()
-                    for future in done:
-                        future.result()  # re-raises a task's exception here
-                        advance(weight_of[future.key])
-                    if not pending:
-                        break
-                    # A scheduler keeps the tasks of a cluster without workers waiting
-                    # forever: a job must fail instead, and say why.
-                    if client.nthreads():
-                        alone_since = None
-                    elif alone_since is None:
-                        alone_since = time.monotonic()
-                        logger.warning(
-                            "dask cluster %s has no workers; failing in %g s unless one joins",
-                            scheduler,
-                            no_worker_timeout,
-                        )
-                    elif time.monotonic() - alone_since >= no_worker_timeout:
-                        raise ClusterError(
-                            f"expected workers on the dask cluster {scheduler}, got none "
-                            f"for {no_worker_timeout:g} s (raise --worker-timeout to wait "
-                            "longer)"
-                        )
+                # set_as_default=False: as_completed must be told which loop to use
+                for future in as_completed(futures, loop=client.loop):
+                    future.result()  # re-raises a task's exception here
+                    advance(weight_of[future.key])
             except KilledWorker as e:
                 raise ClusterError(
                     f"dask task {e.task!r}: expected a worker to finish it, got "
                     f"{e.allowed_failures + 1} workers killed while running it (out of "
                     "memory? see the worker logs)"
                 ) from None
+            except FutureCancelledError as e:  # by the watch, or by a lost connection
+                raise (watch.error or lost(e)) from None
             except OSError as e:  # CommClosedError and friends: the scheduler went away
                 raise lost(e) from None
+            finally:
+                watch.stop()
             return list(client.gather(futures))
 
         yield run_remote, slots
@@ -271,6 +250,59 @@ def _distributed(
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+class _WorkerWatch:
+    """A thread that cancels ``futures`` once the cluster has had no worker for
+    ``timeout`` seconds: a scheduler keeps the tasks of a cluster without workers waiting
+    forever, and a job must fail instead, and say why (:attr:`error`)."""
+
+    def __init__(
+        self,
+        client: Any,
+        futures: list[Any],
+        *,
+        scheduler: str,
+        timeout: float,
+        logger: logging.Logger,
+    ) -> None:
+        self.error: ClusterError | None = None
+        self._client, self._futures = client, futures
+        self._scheduler, self._timeout, self._logger = scheduler, timeout, logger
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dask-worker-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        # Often enough to fail soon after the timeout, rarely enough to cost nothing.
+        poll = min(1.0, self._timeout / 4)
+        alone_since: float | None = None  # when the cluster was first seen without workers
+        while not self._stopped.wait(poll):
+            try:
+                workers = len(self._client.nthreads())
+            except Exception:  # the client's own reconnection logic cancels the futures
+                return
+            if workers:
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+                self._logger.warning(
+                    "dask cluster %s has no workers; failing in %g s unless one joins",
+                    self._scheduler,
+                    self._timeout,
+                )
+            elif time.monotonic() - alone_since >= self._timeout:
+                self.error = ClusterError(
+                    f"expected workers on the dask cluster {self._scheduler}, got none for "
+                    f"{self._timeout:g} s (raise --worker-timeout to wait longer)"
+                )
+                with contextlib.suppress(Exception):
+                    self._client.cancel(self._futures, reason="no-workers")
+                return
 
 
 # ---------------------------------------------------------------- local worker processes
