@@ -170,3 +170,46 @@ def test_signal_is_one_line_and_its_exit_code(
         assert survivors(procs, timeout=5) == []
     finally:
         job.kill()
+
+
+def test_a_worker_killed_is_one_line_exit_1(tmp_path: Path, folder_job: tuple[Path, Path]) -> None:
+    """A worker process killed on its own (the kernel's OOM killer, an operator): the job
+    fails with one line, not a BrokenProcessPool traceback, and stops the other workers."""
+    job = Job(*folder_job, tmp_path / "p.parquet")
+    try:
+        procs = job.descendants_when_scoring()
+        workers = [p for p in procs if p.ppid() != job.proc.pid]  # the forkserver's children
+        assert len(workers) == 2
+        workers[0].kill()
+        assert job.proc.wait(timeout=20) == 1, job.stderr.decode()
+        assert job.wait_eof(timeout=5)
+        stderr = job.stderr.decode()
+        assert "Traceback" not in stderr, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+            "error: expected the local worker processes to finish their tasks, got one killed "
+            "(out of memory? see the system log)"
+        ], stderr
+        assert survivors(procs, timeout=5) == []
+    finally:
+        job.kill()
+
+
+def test_sigterm_outside_a_stage_is_143_with_one_line() -> None:
+    """Any job (here between the start of its block and a stage): job() turns SIGTERM into
+    exit 143 and one line, where the default action would end it without a word."""
+    script = (
+        "import os, signal, sys, time, typer\n"
+        "from jobs.app import job\n"
+        "try:\n"
+        "    with job('human', 'INFO'):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "except typer.Exit as e:\n"
+        "    sys.exit(e.exit_code)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 143, done.stderr
+    assert done.stderr == "error: terminated (SIGTERM); no partial output was kept\n"
