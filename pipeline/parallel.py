@@ -154,12 +154,12 @@ def executor(
     if scheduler:
         timeout = _no_worker_timeout.get() if no_worker_timeout is None else no_worker_timeout
         with _distributed(scheduler, logger=logger, no_worker_timeout=timeout) as (run, slots):
-            yield run, slots
+            yield _memory_error_is_one_line(run), slots
         return
     n = workers or default_workers()
     if processes and n > 1:
         with _process_pool(n, worker_init=worker_init, preload=preload) as run_pool:
-            yield run_pool, n
+            yield _memory_error_is_one_line(run_pool), n
         return
 
     def run_threads(
@@ -174,7 +174,24 @@ def executor(
             # it makes dask import distributed (0.3 s) to look for a default client.
             return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=n))
 
-    yield run_threads, n
+    yield _memory_error_is_one_line(run_threads), n
+
+
+def _memory_error_is_one_line(run: RunTasks) -> RunTasks:
+    """``run``, with a task's MemoryError (the machine's limit, not a bug) as one line."""
+
+    def run_tasks(
+        tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
+    ) -> list[Any]:
+        try:
+            return run(tasks, weights, advance)
+        except MemoryError as e:
+            raise ClusterError(
+                f"expected the tasks to fit in memory, got MemoryError{f': {e}' if str(e) else ''}"
+                " (use fewer workers or smaller batches)"
+            ) from None
+
+    return run_tasks
 
 
 # ------------------------------------------------------------------- dask.distributed
@@ -199,8 +216,7 @@ def _distributed(
         client = Client(scheduler, timeout=connect, set_as_default=False)
     except (OSError, TimeoutError) as e:
         raise ClusterError(
-            f"--scheduler: expected a reachable dask scheduler at {scheduler}, got: "
-            f"{_one_line(e)}"
+            f"--scheduler: expected a reachable dask scheduler at {scheduler}, got: {_one_line(e)}"
         ) from None
 
     def lost(e: BaseException) -> ClusterError:
@@ -217,6 +233,7 @@ def _distributed(
         logger.info(
             "running on dask cluster %s (%d workers, %d threads)", scheduler, len(info), slots
         )
+
         def run_remote(
             tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]
         ) -> list[Any]:

@@ -309,3 +309,16 @@ def test_scheduler_gone_mid_run_is_one_line(make_cluster: Callable[..., Cluster]
         f"expected the dask scheduler at {cluster.address} to stay reachable, got "
     )
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_task_out_of_memory_is_one_line(processes: bool) -> None:
+    """numpy refusing an allocation the machine cannot give (1 PiB) inside a task."""
+    with (
+        pytest.raises(ClusterError) as e,
+        executor(logger=log, workers=2, processes=processes) as (run, _),
+    ):
+        run([dask.delayed(np.empty, pure=False)(2**50, np.uint8)], [1], lambda n: None)
+    message = str(e.value)
+    assert message.startswith("expected the tasks to fit in memory, got MemoryError: Unable")
+    assert "\n" not in message
