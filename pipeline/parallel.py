@@ -248,9 +248,10 @@ def _distributed(
                     future.result()  # re-raises a task's exception here
                     advance(weight_of[future.key])
             except KilledWorker as e:
+                tries = e.allowed_failures + 1
                 raise ClusterError(
-                    f"dask task {e.task!r}: expected a worker to finish it, got "
-                    f"{e.allowed_failures + 1} workers killed while running it (out of "
+                    f"dask task {e.task!r}: expected a worker to finish it, got {tries} "
+                    f"worker{'s' if tries > 1 else ''} killed while running it (out of "
                     "memory? see the worker logs)"
                 ) from None
             except FutureCancelledError as e:  # by the watch, or by a lost connection
@@ -292,7 +293,7 @@ class _WorkerWatch:
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(timeout=5)  # a daemon: a hung scheduler call does not hold the job
 
     def _run(self) -> None:
         # Often enough to fail soon after the timeout, rarely enough to cost nothing.
