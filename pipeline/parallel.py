@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.errors import ClusterError, InputError
 from pipeline.logs import progress
+from pipeline.stage import signals_deferred
 
 
 class TaskProgress(Callback):
@@ -341,6 +342,19 @@ def _process_pool(
     pool = ProcessPoolExecutor(
         n, mp_context=context, initializer=_init_worker, initargs=(worker_init, os.getpid())
     )
+    try:
+        # Start every worker now, with Ctrl-C and SIGTERM held back meanwhile (up to the
+        # forkserver's start-up, ~1 s): a job ended while the pool started a worker left a
+        # half-started one, not yet known to the pool and so not stopped, which printed a
+        # traceback when it could not find the job's semaphores any more. Started on
+        # demand otherwise (CPython >= 3.9 has _launch_processes; without it, on demand).
+        with signals_deferred():
+            launch = getattr(pool, "_launch_processes", None)
+            if launch is not None:
+                launch()
+    except BaseException:
+        _stop_workers(pool)
+        raise
 
     def run_pool(
         tasks: list[Delayed], weights: list[int], advance: Callable[[int], None]

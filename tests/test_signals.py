@@ -58,16 +58,20 @@ class Job:
 
     def descendants_when_scoring(self, timeout: float = 60) -> list[psutil.Process]:
         """The job's descendants once its worker processes run and it is scoring."""
+        return self.descendants(DESCENDANTS, timeout=timeout)
+
+    def descendants(self, at_least: int, *, timeout: float = 60) -> list[psutil.Process]:
+        """The job's descendants once it has ``at_least`` of them and is building."""
         job = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, f"the job ended early: {self.stderr.decode()}"
             assert time.monotonic() < deadline, "the worker processes did not start"
             kids = job.children(recursive=True)
-            if len(kids) >= DESCENDANTS and b"building" in self.stderr:
+            if len(kids) >= at_least and b"building" in self.stderr:
                 self.seen = kids
                 return kids
-            time.sleep(0.05)
+            time.sleep(0.005)
 
     def wait_eof(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -213,3 +217,28 @@ def test_sigterm_outside_a_stage_is_143_with_one_line() -> None:
     )
     assert done.returncode == 143, done.stderr
     assert done.stderr == "error: terminated (SIGTERM); no partial output was kept\n"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_sigterm_while_the_workers_start(
+    tmp_path: Path, folder_job: tuple[Path, Path], delay: float
+) -> None:
+    """SIGTERM to the job alone while its pool starts the workers (resource tracker and
+    forkserver up, workers not yet): a half-started worker printed a traceback after the
+    job's line (6 of 6 runs before the pool started its workers with signals held back)."""
+    job = Job(*folder_job, tmp_path / "p.parquet")
+    try:
+        job.descendants(2)
+        time.sleep(delay)
+        os.kill(job.proc.pid, signal.SIGTERM)
+        assert job.proc.wait(timeout=20) == 143, job.stderr.decode()
+        assert job.wait_eof(timeout=5)
+        stderr = job.stderr.decode()
+        assert "Traceback" not in stderr, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+            "error: terminated (SIGTERM); finished batches are kept in "
+            f"{tmp_path / '.p.parquet.partial'}; run again with --resume to continue"
+        ], stderr
+        assert survivors(job.seen, timeout=5) == []
+    finally:
+        job.kill()
