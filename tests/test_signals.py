@@ -242,3 +242,24 @@ def test_sigterm_while_the_workers_start(
         assert survivors(job.seen, timeout=5) == []
     finally:
         job.kill()
+
+
+def test_ctrl_c_is_exit_130_not_death_by_sigint(tmp_path: Path) -> None:
+    """A KeyboardInterrupt that left code run by exec() of a string (some library's, at the
+    moment Ctrl-C came) made ``python -m`` end by SIGINT after the job had handled it."""
+    (tmp_path / "interrupted_job.py").write_text(
+        "from jobs.app import job\n"
+        "import typer\n"
+        "try:\n"
+        "    with job('human', 'INFO'):\n"
+        "        exec('raise KeyboardInterrupt')\n"
+        "except typer.Exit as e:\n"
+        "    raise SystemExit(e.exit_code)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(tmp_path)]))
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_job"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "error: interrupted; no partial output was kept\n"
