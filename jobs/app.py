@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import tomllib
 import types
 import typing
@@ -28,6 +29,7 @@ import typer
 
 from pipeline.errors import InputError, PipelineError
 from pipeline.logs import LogFormat, configure_logging
+from pipeline.stage import Terminated, terminate_as_interrupt
 
 app = typer.Typer(
     name="mnist-pipeline",
@@ -59,12 +61,24 @@ Scheduler = Annotated[
     str | None,
     typer.Option(
         "--scheduler",
-        help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+        help="dask.distributed scheduler address (tcp://host:8786); default: this machine. "
+        "Connecting waits up to dask's distributed.comm.timeouts.connect (30 s; e.g. "
+        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=10s).",
+    ),
+]
+WorkerTimeout = Annotated[
+    float,
+    typer.Option(
+        "--worker-timeout",
+        help="With --scheduler: fail when the cluster has had no worker for this many "
+        "seconds while tasks wait.",
     ),
 ]
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", help="Threads of the local scheduler (default: all CPUs).", min=1),
+    typer.Option(
+        "--workers", help="Local threads or processes (default: the CPUs this job may use).", min=1
+    ),
 ]
 LogFormatOpt = Annotated[
     Literal["human", "json"],
@@ -331,13 +345,54 @@ def one_blas_thread() -> None:
         os.environ.setdefault(var, "1")
 
 
+#: Exit codes of a job stopped by a signal: 128 + the signal's number, as a shell reports.
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what scancel, systemd, docker stop... send
+
+
+def interrupted_exit(e: KeyboardInterrupt) -> int:
+    """The exit code of a job stopped by ``e``: SIGTERM (``Terminated``) or Ctrl-C."""
+    # CPython run as ``python -m`` kills itself with SIGINT at exit when a KeyboardInterrupt
+    # once left code run by exec() of a string, even one handled later (Modules/main.c,
+    # _Py_UnhandledKeyboardInterrupt): Ctrl-C then ended the job by a signal instead of
+    # exit code 130 in 2 of 10 runs. Every exec() of a string clears that flag.
+    exec("pass")
+    return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
+
+
+def interrupted_by(e: KeyboardInterrupt) -> str:
+    """``terminated (SIGTERM)`` or ``interrupted``, for the job's last line."""
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
 @contextlib.contextmanager
-def job(log_format: str, log_level: str) -> Iterator[None]:
-    """Set up logging and turn pipeline errors into a one-line message and an exit code."""
+def job(
+    log_format: str,
+    log_level: str,
+    *,
+    scheduler: str | None = None,
+    worker_timeout: float | None = None,
+) -> Iterator[None]:
+    """Set up logging and turn pipeline errors into a one-line message and an exit code.
+
+    SIGTERM raises :class:`~pipeline.stage.Terminated` for the whole block (the stage
+    runner does the same for its own part) and ends the job with exit code 143, Ctrl-C
+    with 130. Jobs that take ``--scheduler`` pass it and ``--worker-timeout``: the address
+    is checked before any work starts.
+    """
     fmt: LogFormat = "json" if log_format == "json" else "human"
     configure_logging(fmt=fmt, level=log_level)
     try:
-        yield
+        with terminate_as_interrupt(), contextlib.ExitStack() as stack:
+            if scheduler is not None or worker_timeout is not None:
+                # lazy: pipeline.parallel imports dask
+                from pipeline.parallel import check_scheduler_address, cluster_settings
+
+                if scheduler is not None:
+                    check_scheduler_address(scheduler)
+                if worker_timeout is not None:
+                    stack.enter_context(cluster_settings(no_worker_timeout=worker_timeout))
+            yield
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
@@ -345,9 +400,9 @@ def job(log_format: str, log_level: str) -> Iterator[None]:
         message, code = os_error_message(e)
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code) from None
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; no partial output was kept", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        typer.echo(f"error: {interrupted_by(e)}; no partial output was kept", err=True)
+        raise typer.Exit(interrupted_exit(e)) from None
 
 
 #: errno values meaning the user's path cannot be what it is used as (a file given as a

@@ -14,6 +14,7 @@ from jobs.app import (
     LogLevel,
     Scheduler,
     Workers,
+    WorkerTimeout,
     app,
     job,
     one_blas_thread,
@@ -46,6 +47,7 @@ def features(
         ),
     ] = "none",
     scheduler: Scheduler = None,
+    worker_timeout: WorkerTimeout = 60.0,
     workers: Workers = None,
     force: Force = False,
     lock_timeout: LockTimeout = 60.0,
@@ -60,7 +62,7 @@ def features(
     from pipeline.catalogue import load_config  # lazy: keeps `--help` and other jobs fast to start
     from pipeline.features import features as features_stage
 
-    with job(log_format, log_level):
+    with job(log_format, log_level, scheduler=scheduler, worker_timeout=worker_timeout):
         config = load_config(feature_config)
         result = features_stage(
             store=store,

@@ -14,7 +14,10 @@ from jobs.app import (
     LogLevel,
     Scheduler,
     Workers,
+    WorkerTimeout,
     app,
+    interrupted_by,
+    interrupted_exit,
     job,
     one_blas_thread,
     option_origin,
@@ -92,6 +95,7 @@ def score(
         ),
     ] = False,
     scheduler: Scheduler = None,
+    worker_timeout: WorkerTimeout = 60.0,
     workers: Workers = None,
     force: Force = False,
     lock_timeout: LockTimeout = 60.0,
@@ -108,7 +112,7 @@ def score(
     from pipeline.score import check_failures  # lazy: see DEFAULT_BATCH_SIZE above
     from pipeline.score import score as score_stage
 
-    with job(log_format, log_level):
+    with job(log_format, log_level, scheduler=scheduler, worker_timeout=worker_timeout):
         try:
             # Typed on the command line: a config/env value is a standing default instead.
             given = [
@@ -135,13 +139,13 @@ def score(
                 force=force,
                 lock_timeout=lock_timeout,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
             typer.echo(
-                f"error: interrupted; finished batches are kept in {temp_path(out)}; "
+                f"error: {interrupted_by(e)}; finished batches are kept in {temp_path(out)}; "
                 "run again with --resume to continue",
                 err=True,
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_exit(e)) from None
         r = result.result
         report(
             f"score: {r.get('ok', 0)} ok, {r.get('failed', 0)} failed -> {out}"

@@ -50,3 +50,9 @@ class ArtifactError(InputError):
 
 class LockError(PipelineError):
     """Another run holds the lock on the same output."""
+
+
+class ClusterError(PipelineError):
+    """The processes running the tasks failed: a dask scheduler that cannot be reached, a
+    cluster left without workers, workers killed while running a task (often for memory),
+    or a local worker process that died."""

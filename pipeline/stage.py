@@ -231,7 +231,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (a batch scheduler's kill) raises :class:`Terminated` in the main thread,
     like Ctrl-C raises KeyboardInterrupt, so the runner cleans up the temporary output
     either way. Writes that must not be cut short use :func:`signals_deferred`."""
@@ -254,7 +254,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back during one write; they take effect right after it.
 
-    The other half of the runner's signal handling (see :func:`_terminate_as_interrupt`):
+    The other half of the runner's signal handling (see :func:`terminate_as_interrupt`):
     a stage's build may wrap a write that runs on another thread in this block. zarr, for
     one, writes on its own event-loop thread while the main thread waits; a signal handled
     during that wait would raise in the main thread and the runner would remove the
@@ -441,7 +441,7 @@ def run_stage(
     output.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    with output_lock(output, timeout=lock_timeout), _terminate_as_interrupt():
+    with output_lock(output, timeout=lock_timeout), terminate_as_interrupt():
         # Under the lock: another run may have replaced the output while this one waited.
         check_output(stage, output, inputs=inputs, replaces=atomic)
         _remove_leftovers(output, partial=atomic and not resume)

@@ -242,7 +242,7 @@ def test_distributed_scheduler(tmp_path: Path, model_dir: Path) -> None:
 def test_empty_folder_is_an_error_unless_allowed(tmp_path: Path, model_dir: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no images here")
-    with pytest.raises(InputError, match="expected images to score in .*got none"):
+    with pytest.raises(InputError, match=r"expected images to score in .*got none"):
         run(model_dir, tmp_path / "in", tmp_path / "pred.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pred.parquet.lock", "in"]
 
