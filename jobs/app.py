@@ -11,6 +11,7 @@ Exit codes: 0 success (or nothing to do), 1 the run failed, 2 bad usage or bad i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tomllib
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.logs import LogFormat, configure_logging
+from pipeline.logs import LOGGER_NAME, JsonFormatter, LogFormat, configure_logging
 
 app = typer.Typer(
     name="mnist-pipeline",
@@ -52,7 +53,8 @@ Scheduler = Annotated[
     str | None,
     typer.Option(
         "--scheduler",
-        help="dask.distributed scheduler address (tcp://host:8786); default: local threads.",
+        help="dask.distributed scheduler address (tcp://host:8786); the same as "
+        "--cluster tcp://host:8786.",
     ),
 ]
 Workers = Annotated[
@@ -62,7 +64,10 @@ Workers = Annotated[
 LogFormatOpt = Annotated[
     Literal["human", "json"],
     typer.Option(
-        "--log-format", help="'human' lines, or 'json' lines for cron/HPC log collectors."
+        "--log-format",
+        help="'human' lines, or 'json' lines for cron/HPC log collectors. "
+        "MNIST_PIPELINE_LOG_FORMAT sets it for every job (LOG_FORMAT=json make pipeline).",
+        envvar="MNIST_PIPELINE_LOG_FORMAT",
     ),
 ]
 LogLevel = Annotated[
@@ -140,11 +145,22 @@ def job(log_format: str, log_level: str) -> Iterator[None]:
     try:
         yield
     except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
+        error_line(str(e), exit_code=e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("error: interrupted; no partial output was kept", err=True)
+        error_line("interrupted; no partial output was kept", exit_code=130)
         raise typer.Exit(130) from None
+
+
+def error_line(message: str, *, exit_code: int) -> None:
+    """The job's one error line on stderr: ``error: ...``, or in JSON log mode a JSON object
+    shaped like the log records (``level`` "error", ``stage`` "job", ``msg``, ``exit_code``)."""
+    if getattr(logging.getLogger(LOGGER_NAME), "log_format", "human") != "json":
+        typer.echo(f"error: {message}", err=True)
+        return
+    record = logging.LogRecord(f"{LOGGER_NAME}.job", logging.ERROR, "", 0, message, None, None)
+    record.data = {"exit_code": exit_code}
+    typer.echo(JsonFormatter().format(record), err=True)
 
 
 def report(message: str) -> None:
@@ -172,3 +188,49 @@ def config_show(ctx: typer.Context) -> None:
             value = sub.params.get(param.name)
             typer.echo(f"{param.name} = {value!r}  # {option_origin(sub, param.name)}")
         typer.echo("")
+
+
+# --- Where dask tasks run: --cluster, --cluster-option and the [cluster] table -----------
+Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="Where the tasks run: 'local' (this machine; default), 'tcp://host:port' (an "
+        "existing dask scheduler) or 'slurm' (worker jobs through dask-jobqueue, set up by "
+        "the config file's cluster table and --cluster-option). "
+        "Default: that table's kind, else local.",
+        show_default=False,
+    ),
+]
+ClusterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cluster-option",
+        metavar="KEY=VALUE",
+        help="With --cluster slurm, repeatable, over the config file's cluster table: queue (or "
+        "partition), account, cores, processes, memory, walltime, job_extra_directives, "
+        "interface, jobs, wait_timeout, log_directory, local_directory.",
+        show_default=False,
+    ),
+]
+
+
+@contextlib.contextmanager
+def dask_cluster(
+    ctx: typer.Context,
+    *,
+    stage: str,
+    cluster: str | None,
+    options: list[str] | None,
+    scheduler: str | None,
+) -> Iterator[str | None]:
+    """Open the cluster the options and the ``[cluster]`` table ask for (see
+    :mod:`pipeline.cluster`); yields the scheduler address for the stage (None: local).
+    Use inside :func:`job`, which turns its errors into the one error line."""
+    from pipeline.cluster import cluster_settings, open_cluster
+    from pipeline.logs import get_logger
+
+    table = (ctx.find_root().default_map or {}).get("cluster") or {}
+    settings = cluster_settings(cluster, table=table, options=options or (), scheduler=scheduler)
+    with open_cluster(settings, logger=get_logger(stage)) as address:
+        yield address

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from jobs.app import (
+    Cluster,
+    ClusterOption,
     Force,
     LockTimeout,
     LogFormatOpt,
@@ -15,6 +17,7 @@ from jobs.app import (
     Scheduler,
     Workers,
     app,
+    dask_cluster,
     job,
     one_blas_thread,
     report,
@@ -23,6 +26,7 @@ from jobs.app import (
 
 @app.command()
 def features(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option("--store", help="zarr store written by ingest.")] = Path(
         "data/mnist.zarr"
     ),
@@ -45,6 +49,8 @@ def features(
             help="Parquet codec: none (fastest; default), lz4, zstd (smallest) or snappy.",
         ),
     ] = "none",
+    cluster: Cluster = None,
+    cluster_option: ClusterOption = None,
     scheduler: Scheduler = None,
     workers: Workers = None,
     force: Force = False,
@@ -62,16 +68,19 @@ def features(
 
     with job(log_format, log_level):
         config = load_config(feature_config)
-        result = features_stage(
-            store=store,
-            out=out,
-            config=config,
-            compression=compression,
-            scheduler=scheduler,
-            workers=workers,
-            force=force,
-            lock_timeout=lock_timeout,
-        )
+        with dask_cluster(
+            ctx, stage="features", cluster=cluster, options=cluster_option, scheduler=scheduler
+        ) as address:
+            result = features_stage(
+                store=store,
+                out=out,
+                config=config,
+                compression=compression,
+                scheduler=address,
+                workers=workers,
+                force=force,
+                lock_timeout=lock_timeout,
+            )
     r = result.result
     report(
         f"features: {out} {'up to date' if result.skipped else 'written'} "

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 import typer
 
 from jobs.app import (
+    Cluster,
+    ClusterOption,
     Force,
     LockTimeout,
     LogFormatOpt,
@@ -15,6 +17,8 @@ from jobs.app import (
     Scheduler,
     Workers,
     app,
+    dask_cluster,
+    error_line,
     job,
     one_blas_thread,
     option_origin,
@@ -91,6 +95,8 @@ def score(
             "batches; without it a partial output is discarded.",
         ),
     ] = False,
+    cluster: Cluster = None,
+    cluster_option: ClusterOption = None,
     scheduler: Scheduler = None,
     workers: Workers = None,
     force: Force = False,
@@ -120,26 +126,29 @@ def score(
                 )
                 if option_origin(ctx, option) == "cli"
             ]
-            result = score_stage(
-                given=given,
-                model=model,
-                source=source,
-                out=out,
-                globs=tuple(glob) if glob else DEFAULT_GLOBS,
-                split=split,
-                normalize=normalize,
-                batch_size=batch_size,
-                resume=resume,
-                scheduler=scheduler,
-                workers=workers,
-                force=force,
-                lock_timeout=lock_timeout,
-            )
+            with dask_cluster(
+                ctx, stage="score", cluster=cluster, options=cluster_option, scheduler=scheduler
+            ) as address:
+                result = score_stage(
+                    given=given,
+                    model=model,
+                    source=source,
+                    out=out,
+                    globs=tuple(glob) if glob else DEFAULT_GLOBS,
+                    split=split,
+                    normalize=normalize,
+                    batch_size=batch_size,
+                    resume=resume,
+                    scheduler=address,
+                    workers=workers,
+                    force=force,
+                    lock_timeout=lock_timeout,
+                )
         except KeyboardInterrupt:
-            typer.echo(
-                f"error: interrupted; finished batches are kept in {temp_path(out)}; "
+            error_line(
+                f"interrupted; finished batches are kept in {temp_path(out)}; "
                 "run again with --resume to continue",
-                err=True,
+                exit_code=130,
             )
             raise typer.Exit(130) from None
         r = result.result

@@ -50,3 +50,7 @@ class ArtifactError(InputError):
 
 class LockError(PipelineError):
     """Another run holds the lock on the same output."""
+
+
+class ClusterError(PipelineError):
+    """A cluster could not be started or did not deliver its workers (SLURM, dask)."""
