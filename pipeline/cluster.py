@@ -34,7 +34,8 @@ from pipeline.errors import ClusterError, InputError
 from pipeline.stage import Terminated, signals_deferred
 
 LOCAL, SLURM = "local", "slurm"
-_ADDRESS = re.compile(r"^(tcp|tls)://[^\s/:]+:\d+$")
+# What dask's Client takes: scheme://... (tcp, tls, ucx, ws, inproc) or host:port.
+_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://\S+|[\w.\-]+:\d+)$")
 # SLURM time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?)?[bB]?\s*$")
@@ -420,7 +421,8 @@ def _close(cluster: Any, *, logger: logging.Logger) -> None:
             cluster.close(timeout=30)
         except Exception as e:  # never hide the job's own outcome behind a cleanup error
             logger.warning("closing the dask cluster: %s", e)
-        logger.info("cancelled SLURM worker jobs %s", ", ".join(ids) or "(none submitted)")
+        if ids:
+            logger.info("cancelled SLURM worker jobs %s", ", ".join(ids))
 
 
 @contextlib.contextmanager

@@ -289,7 +289,8 @@ def test_log_format_json_for_errors(tmp_path: Path) -> None:
         "ingest", "--raw-dir", tmp_path, "--out", tmp_path / "o.zarr", "--log-format", "json"
     )
     assert result.exit_code == 2
-    assert result.stderr.splitlines()[-1].startswith("error: ")
+    error = json.loads(result.stderr.splitlines()[-1])  # the error line is JSON too
+    assert error["level"] == "error" and error["exit_code"] == 2 and "expected" in error["msg"]
 
 
 def test_log_format_human_is_not_json(tmp_path: Path, dataset: SyntheticDataset) -> None:
