@@ -321,7 +321,8 @@ def test_features_and_score_on_slurm_match_a_local_run(
     assert_no_jobs(on_slurm)
 
     predictions = {}
-    for kind, extra in (("local", []), ("slurm", slurm_args[:-2] + ["--cluster-option", "jobs=1"])):
+    one_job = [*slurm_args[:-2], "--cluster-option", "jobs=1"]
+    for kind, extra in (("local", []), ("slurm", one_job)):
         pred = tmp_path / f"pred-{kind}.parquet"
         result = invoke(
             "score", project["store"], "--model", project["model"], "--out", pred,
