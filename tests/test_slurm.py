@@ -289,3 +289,22 @@ def test_train_summary_is_plain_off_a_terminal(tmp_path: Path) -> None:
     assert keys[:3] == ["test accuracy", "best parameters", "features"]
     assert keys[-1] == "report" and lines[-1] == f"report: {model / 'report.html'}"
     assert result.stdout.isascii() and not BOX_DRAWING & set(result.stdout)
+
+
+def test_scancel_while_waiting_for_workers_cancels_them(slurm: Slurm, tmp_path: Path) -> None:
+    """SIGTERM before the stage runner's own handler is installed (the job still waits for
+    workers that cannot all start): the worker jobs are cancelled too."""
+    log = tmp_path / "driver.log"
+    job = ["features", "--store", tmp_path / "none.zarr", "--out", tmp_path / "f",
+           "--cluster", "slurm"]  # fmt: skip
+    for option in ("cores=1", "jobs=2", "memory=1GB", "interface=lo", "wait_timeout=120"):
+        job += ["--cluster-option", option]
+    driver = sbatch(slurm, job, name="driver", cwd=tmp_path)
+    wait_for(lambda: len(squeue(slurm, "--name=mnist-pipeline-worker")) == 2, "2 worker jobs")
+    # The driver's CPU and one worker's: the other worker job pends.
+    subprocess.run(["scancel", driver], env=slurm.env(), check=True)
+    info = wait_job(slurm, driver, timeout=60)
+    assert info["JobState"] == "CANCELLED", info
+    assert_no_jobs(slurm)
+    text = assert_plain(log)
+    assert "cancelled SLURM worker jobs" in text and "error: interrupted" in text, text
