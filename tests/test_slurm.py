@@ -297,11 +297,14 @@ def test_scancel_while_waiting_for_workers_cancels_them(slurm: Slurm, tmp_path: 
     log = tmp_path / "driver.log"
     job = ["features", "--store", tmp_path / "none.zarr", "--out", tmp_path / "f",
            "--cluster", "slurm"]  # fmt: skip
-    for option in ("cores=1", "jobs=2", "memory=1GB", "interface=lo", "wait_timeout=120"):
+    # Workers as big as the node: none can start beside the driver (it holds one CPU).
+    cpus = subprocess.run(
+        ["sinfo", "-h", "-o", "%c"], env=slurm.env(), capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    for option in (f"cores={cpus}", "jobs=2", "memory=1GB", "interface=lo", "wait_timeout=120"):
         job += ["--cluster-option", option]
     driver = sbatch(slurm, job, name="driver", cwd=tmp_path)
     wait_for(lambda: len(squeue(slurm, "--name=mnist-pipeline-worker")) == 2, "2 worker jobs")
-    # The driver's CPU and one worker's: the other worker job pends.
     subprocess.run(["scancel", driver], env=slurm.env(), check=True)
     info = wait_job(slurm, driver, timeout=60)
     assert info["JobState"] == "CANCELLED", info
