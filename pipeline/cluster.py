@@ -273,18 +273,23 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_cpu_quota(
+    root: Path = Path("/sys/fs/cgroup"), *, cgroup: str | None = None
+) -> float | None:
     """The tightest cgroup CPU quota of this process in CPUs (e.g. 1.5), or None.
 
     cgroup v2: ``cpu.max`` (``"QUOTA PERIOD"`` or ``"max PERIOD"``) of this process's cgroup
-    and its ancestors; cgroup v1: ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``.
+    (``cgroup``, default from ``/proc/self/cgroup``) and its ancestors; cgroup v1:
+    ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``.
     """
     quotas: list[float] = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    own = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    if cgroup is None:
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            lines = []
+        cgroup = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    own = cgroup
     folder = root / own.lstrip("/")
     candidates = [folder, *folder.parents] if folder.is_relative_to(root) else [root]
     for path in candidates:
