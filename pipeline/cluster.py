@@ -348,24 +348,38 @@ def _slurm_cluster(options: SlurmOptions) -> Any:
             "--cluster slurm: expected the dask-jobqueue package, got none installed "
             "(pip install dask-jobqueue)"
         ) from None
-    return SLURMCluster(
-        queue=options.queue,
-        account=options.account,
-        cores=options.cores,
-        processes=options.processes,
-        memory=options.memory,
-        walltime=options.walltime,
-        job_extra_directives=list(options.job_extra_directives),
-        interface=options.interface,
-        log_directory=options.log_directory,
-        local_directory=options.local_directory,
-        job_name="mnist-pipeline-worker",
-        python=sys.executable,
-        job_script_prologue=worker_environment(),
-        # Dashboards on loopback only (by default they listen on every interface).
-        scheduler_options={"dashboard_address": "127.0.0.1:0"},
-        worker_extra_args=["--dashboard-address", "127.0.0.1:0"],
-    )
+    if options.interface is not None:
+        import psutil
+
+        names = sorted(psutil.net_if_addrs())
+        if options.interface not in names:
+            raise InputError(
+                f"cluster interface: expected a network interface of this machine "
+                f"({', '.join(names)}), got {options.interface!r}"
+            )
+    try:
+        return SLURMCluster(
+            queue=options.queue,
+            account=options.account,
+            cores=options.cores,
+            processes=options.processes,
+            memory=options.memory,
+            walltime=options.walltime,
+            job_extra_directives=list(options.job_extra_directives),
+            interface=options.interface,
+            log_directory=options.log_directory,
+            local_directory=options.local_directory,
+            job_name="mnist-pipeline-worker",
+            python=sys.executable,
+            job_script_prologue=worker_environment(),
+            # Dashboards on loopback only (by default they listen on every interface).
+            scheduler_options={"dashboard_address": "127.0.0.1:0"},
+            worker_extra_args=["--dashboard-address", "127.0.0.1:0"],
+        )
+    except (RuntimeError, ValueError, OSError) as e:  # e.g. no address on that interface
+        raise ClusterError(
+            f"--cluster slurm: expected the dask scheduler to start, got {e}"
+        ) from None
 
 
 def _check_submittable(cluster: Any) -> None:

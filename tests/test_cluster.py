@@ -377,3 +377,24 @@ def test_sbatch_refusing_the_worker_job_is_one_line(on_slurm: Slurm, tmp_path: P
     assert lines[0].startswith("error: --cluster slurm: expected sbatch to accept the worker job")
     assert "invalid partition" in lines[0].lower()
     assert_no_jobs(on_slurm)
+
+
+def test_unknown_interface_is_one_line(on_slurm: Slurm, tmp_path: Path) -> None:
+    result = invoke(
+        "features", "--store", tmp_path / "s.zarr", "--cluster", "slurm",
+        "--cluster-option", "interface=nosuchnic0",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: cluster interface: expected a network interface of this machine "
+        f"({', '.join(sorted(__import__('psutil').net_if_addrs()))}), got 'nosuchnic0'"
+    ]
+
+
+def test_no_slurm_commands_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch there
+    result = invoke("features", "--store", tmp_path / "s.zarr", "--cluster", "slurm")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: --cluster slurm: expected sbatch on PATH, got none"
+    ]
