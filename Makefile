@@ -8,6 +8,12 @@ STAMP  := $(VENV)/.installed
 # MNIST_SOURCE=DIR|URL on the command line (or in the environment) points fetch and bench at
 # a local copy of MNIST instead of the public mirrors.
 
+# LOG_FORMAT=json (on the command line or in the environment) makes every job log JSON lines,
+# its error line included, for batch log collectors: `LOG_FORMAT=json make pipeline`.
+ifneq ($(strip $(LOG_FORMAT)),)
+export MNIST_PIPELINE_LOG_FORMAT := $(strip $(LOG_FORMAT))
+endif
+
 .PHONY: all pipeline install fetch ingest features train score bench bench-quick test lint clean
 
 all: pipeline

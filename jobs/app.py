@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -28,7 +29,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.logs import LogFormat, configure_logging
+from pipeline.logs import LOGGER_NAME, JsonFormatter, LogFormat, configure_logging
 from pipeline.stage import Terminated, terminate_as_interrupt
 
 app = typer.Typer(
@@ -61,7 +62,8 @@ Scheduler = Annotated[
     str | None,
     typer.Option(
         "--scheduler",
-        help="dask.distributed scheduler address (tcp://host:8786); default: this machine. "
+        help="dask.distributed scheduler address (tcp://host:8786), the same as --cluster "
+        "tcp://host:8786; default: this machine. "
         "Connecting waits up to dask's distributed.comm.timeouts.connect (30 s; e.g. "
         "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=10s).",
     ),
@@ -83,7 +85,10 @@ Workers = Annotated[
 LogFormatOpt = Annotated[
     Literal["human", "json"],
     typer.Option(
-        "--log-format", help="'human' lines, or 'json' lines for cron/HPC log collectors."
+        "--log-format",
+        help="'human' lines, or 'json' lines for cron/HPC log collectors. "
+        "MNIST_PIPELINE_LOG_FORMAT sets it for every job (LOG_FORMAT=json make pipeline).",
+        envvar="MNIST_PIPELINE_LOG_FORMAT",
     ),
 ]
 LogLevel = Annotated[
@@ -252,8 +257,17 @@ def _load_config(path: Path, options: Mapping[str, Mapping[str, Any]]) -> dict[s
             raise SettingError(
                 f"{path}: expected [job] tables such as [ingest], got top-level key {section!r}"
             )
+        if section == "cluster":  # values are checked by pipeline.cluster where used
+            from pipeline.cluster import TABLE_KEYS
+
+            for raw_key in values:
+                if raw_key.replace("-", "_") not in TABLE_KEYS:
+                    hint = _did_you_mean(raw_key, sorted(TABLE_KEYS), "{}")
+                    raise SettingError(f"unknown key {raw_key} in [cluster] of {path}{hint}")
+            default_map[section] = {k.replace("-", "_"): v for k, v in values.items()}
+            continue
         if section not in options:
-            hint = _did_you_mean(section, sorted(options), "[{}]")
+            hint = _did_you_mean(section, [*sorted(options), "cluster"], "[{}]")
             raise SettingError(f"unknown section [{section}] in {path}{hint}")
         known = options[section]
         default_map[section] = {}
@@ -394,14 +408,16 @@ def job(
                     stack.enter_context(cluster_settings(no_worker_timeout=worker_timeout))
             yield
     except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
+        error_line(str(e), exit_code=e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:  # permission, disk full, a file used as a folder, ...: one line
         message, code = os_error_message(e)
-        typer.echo(f"error: {message}", err=True)
+        error_line(message, exit_code=code)
         raise typer.Exit(code) from None
     except KeyboardInterrupt as e:
-        typer.echo(f"error: {interrupted_by(e)}; no partial output was kept", err=True)
+        error_line(
+            f"{interrupted_by(e)}; no partial output was kept", exit_code=interrupted_exit(e)
+        )
         raise typer.Exit(interrupted_exit(e)) from None
 
 
@@ -433,6 +449,17 @@ def os_error_message(e: OSError) -> tuple[str, int]:
     return f"{where}: {reason}", code
 
 
+def error_line(message: str, *, exit_code: int) -> None:
+    """The job's one error line on stderr: ``error: ...``, or in JSON log mode a JSON object
+    shaped like the log records (``level`` "error", ``stage`` "job", ``msg``, ``exit_code``)."""
+    if getattr(logging.getLogger(LOGGER_NAME), "log_format", "human") != "json":
+        typer.echo(f"error: {message}", err=True)
+        return
+    record = logging.LogRecord(f"{LOGGER_NAME}.job", logging.ERROR, "", 0, message, None, None)
+    record.data = {"exit_code": exit_code}
+    typer.echo(JsonFormatter().format(record), err=True)
+
+
 def report(message: str) -> None:
     """The job's result line, on stdout."""
     typer.echo(message)
@@ -458,3 +485,49 @@ def config_show(ctx: typer.Context) -> None:
             value = sub.params.get(param.name)
             typer.echo(f"{param.name} = {value!r}  # {option_origin(sub, param.name)}")
         typer.echo("")
+
+
+# --- Where dask tasks run: --cluster, --cluster-option and the [cluster] table -----------
+Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="Where the tasks run: 'local' (this machine; default), 'tcp://host:port' (an "
+        "existing dask scheduler) or 'slurm' (worker jobs through dask-jobqueue, set up by "
+        "the config file's cluster table and --cluster-option). "
+        "Default: that table's kind, else local.",
+        show_default=False,
+    ),
+]
+ClusterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cluster-option",
+        metavar="KEY=VALUE",
+        help="With --cluster slurm, repeatable, over the config file's cluster table: queue (or "
+        "partition), account, cores, processes, memory, walltime, job_extra_directives, "
+        "interface, jobs, wait_timeout, log_directory, local_directory.",
+        show_default=False,
+    ),
+]
+
+
+@contextlib.contextmanager
+def dask_cluster(
+    ctx: typer.Context,
+    *,
+    stage: str,
+    cluster: str | None,
+    options: list[str] | None,
+    scheduler: str | None,
+) -> Iterator[str | None]:
+    """Open the cluster the options and the ``[cluster]`` table ask for (see
+    :mod:`pipeline.cluster`); yields the scheduler address for the stage (None: local).
+    Use inside :func:`job`, which turns its errors into the one error line."""
+    from pipeline.cluster import cluster_settings, open_cluster
+    from pipeline.logs import get_logger
+
+    table = (ctx.find_root().default_map or {}).get("cluster") or {}
+    settings = cluster_settings(cluster, table=table, options=options or (), scheduler=scheduler)
+    with open_cluster(settings, logger=get_logger(stage)) as address:
+        yield address

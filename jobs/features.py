@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from jobs.app import (
+    Cluster,
+    ClusterOption,
     Force,
     LockTimeout,
     LogFormatOpt,
@@ -16,6 +18,7 @@ from jobs.app import (
     Workers,
     WorkerTimeout,
     app,
+    dask_cluster,
     job,
     one_blas_thread,
     report,
@@ -24,6 +27,7 @@ from jobs.app import (
 
 @app.command()
 def features(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option("--store", help="zarr store written by ingest.")] = Path(
         "data/mnist.zarr"
     ),
@@ -46,6 +50,8 @@ def features(
             help="Parquet codec: none (fastest; default), lz4, zstd (smallest) or snappy.",
         ),
     ] = "none",
+    cluster: Cluster = None,
+    cluster_option: ClusterOption = None,
     scheduler: Scheduler = None,
     worker_timeout: WorkerTimeout = 60.0,
     workers: Workers = None,
@@ -64,16 +70,19 @@ def features(
 
     with job(log_format, log_level, scheduler=scheduler, worker_timeout=worker_timeout):
         config = load_config(feature_config)
-        result = features_stage(
-            store=store,
-            out=out,
-            config=config,
-            compression=compression,
-            scheduler=scheduler,
-            workers=workers,
-            force=force,
-            lock_timeout=lock_timeout,
-        )
+        with dask_cluster(
+            ctx, stage="features", cluster=cluster, options=cluster_option, scheduler=scheduler
+        ) as address:
+            result = features_stage(
+                store=store,
+                out=out,
+                config=config,
+                compression=compression,
+                scheduler=address,
+                workers=workers,
+                force=force,
+                lock_timeout=lock_timeout,
+            )
     r = result.result
     report(
         f"features: {out} {'up to date' if result.skipped else 'written'} "

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 import typer
 
 from jobs.app import (
+    Cluster,
+    ClusterOption,
     Force,
     LockTimeout,
     LogFormatOpt,
@@ -16,6 +18,8 @@ from jobs.app import (
     Workers,
     WorkerTimeout,
     app,
+    dask_cluster,
+    error_line,
     interrupted_by,
     interrupted_exit,
     job,
@@ -94,6 +98,8 @@ def score(
             "batches; without it a partial output is discarded.",
         ),
     ] = False,
+    cluster: Cluster = None,
+    cluster_option: ClusterOption = None,
     scheduler: Scheduler = None,
     worker_timeout: WorkerTimeout = 60.0,
     workers: Workers = None,
@@ -124,26 +130,29 @@ def score(
                 )
                 if option_origin(ctx, option) == "cli"
             ]
-            result = score_stage(
-                given=given,
-                model=model,
-                source=source,
-                out=out,
-                globs=tuple(glob) if glob else DEFAULT_GLOBS,
-                split=split,
-                normalize=normalize,
-                batch_size=batch_size,
-                resume=resume,
-                scheduler=scheduler,
-                workers=workers,
-                force=force,
-                lock_timeout=lock_timeout,
-            )
+            with dask_cluster(
+                ctx, stage="score", cluster=cluster, options=cluster_option, scheduler=scheduler
+            ) as address:
+                result = score_stage(
+                    given=given,
+                    model=model,
+                    source=source,
+                    out=out,
+                    globs=tuple(glob) if glob else DEFAULT_GLOBS,
+                    split=split,
+                    normalize=normalize,
+                    batch_size=batch_size,
+                    resume=resume,
+                    scheduler=address,
+                    workers=workers,
+                    force=force,
+                    lock_timeout=lock_timeout,
+                )
         except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143)
-            typer.echo(
-                f"error: {interrupted_by(e)}; finished batches are kept in {temp_path(out)}; "
+            error_line(
+                f"{interrupted_by(e)}; finished batches are kept in {temp_path(out)}; "
                 "run again with --resume to continue",
-                err=True,
+                exit_code=interrupted_exit(e),
             )
             raise typer.Exit(interrupted_exit(e)) from None
         r = result.result

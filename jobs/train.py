@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -88,15 +89,22 @@ def train(
             lock_timeout=lock_timeout,
         )
     r = result.result
-    table = Table(title=f"train: {target} ({'up to date' if result.skipped else 'written'})")
+    title = f"train: {target} ({'up to date' if result.skipped else 'written'})"
+    rows = [
+        ("test accuracy", f"{r.get('accuracy', float('nan')):.4%}"),
+        ("best parameters", str(r.get("best_params"))),
+    ]
+    if positive_class is not None:
+        rows.append(("decision threshold", f"{r.get('threshold', 0.5):.4f}"))
+    rows.append(("features", str(r.get("n_features"))))
+    rows += [(f"time: {s}", f"{sec:.2f} s") for s, sec in (r.get("timings") or {}).items()]
+    rows.append(("report", str(target / "report.html")))
+    if not sys.stdout.isatty():  # batch logs: plain ASCII `key: value` lines, no box drawing
+        typer.echo("\n".join([title, *(f"{k}: {v}" for k, v in rows)]))
+        return
+    table = Table(title=title)
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("test accuracy", f"{r.get('accuracy', float('nan')):.4%}")
-    table.add_row("best parameters", str(r.get("best_params")))
-    if positive_class is not None:
-        table.add_row("decision threshold", f"{r.get('threshold', 0.5):.4f}")
-    table.add_row("features", str(r.get("n_features")))
-    for stage, seconds in (r.get("timings") or {}).items():
-        table.add_row(f"time: {stage}", f"{seconds:.2f} s")
-    table.add_row("report", str(target / "report.html"))
+    for row in rows:
+        table.add_row(*row)
     Console(width=100).print(table)

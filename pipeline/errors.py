@@ -53,6 +53,7 @@ class LockError(PipelineError):
 
 
 class ClusterError(PipelineError):
-    """The processes running the tasks failed: a dask scheduler that cannot be reached, a
+    """The processes running the tasks failed: a cluster that could not be started or did
+    not deliver its workers (SLURM, dask), a dask scheduler that cannot be reached, a
     cluster left without workers, workers killed while running a task (often for memory),
     or a local worker process that died."""

@@ -53,11 +53,11 @@ class TaskProgress(Callback):
 
 
 def default_workers() -> int:
-    """Worker threads for the local scheduler: the CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """Worker threads for the local scheduler: the CPUs this process may use (affinity
+    mask, ``SLURM_CPUS_PER_TASK``, cgroup CPU quota; see :func:`pipeline.cluster.usable_cpus`)."""
+    from pipeline.cluster import usable_cpus
+
+    return usable_cpus()
 
 
 #: ``run(tasks, weights, advance)``: compute the tasks, calling ``advance(weight)`` as each

@@ -242,3 +242,54 @@ def make_store(tmp_path: Path) -> Callable[..., Path]:
         return out
 
     return make
+
+
+@dataclass(frozen=True)
+class Slurm:
+    """A running SLURM (see :func:`slurm`): ``conf`` is its ``SLURM_CONF``."""
+
+    conf: Path
+
+    def env(self) -> dict[str, str]:
+        """os.environ for SLURM commands and the jobs they start (this checkout first)."""
+        import os
+
+        paths = [str(REPO_ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(":") if p)]
+        return {**os.environ, "SLURM_CONF": str(self.conf), "PYTHONPATH": ":".join(paths)}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
+    """A single-node SLURM on localhost: the one ``.ci/run`` started (its config in
+    ``MNIST_PIPELINE_TEST_SLURM_CONF``), else one started here with ``.ci/slurm.sh`` (needs
+    root and Debian's slurm-wlm and munge), else the test is skipped saying why."""
+    import os
+    import shutil
+    import subprocess
+
+    given = os.environ.get("MNIST_PIPELINE_TEST_SLURM_CONF")
+    if given:
+        ping = subprocess.run(
+            ["scontrol", "ping"], env={**os.environ, "SLURM_CONF": given},
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if "UP" not in ping.stdout:  # CI said it runs: that it does not is a failure
+            pytest.fail(f"MNIST_PIPELINE_TEST_SLURM_CONF={given}: SLURM is not up: {ping}")
+        yield Slurm(Path(given))
+        return
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"no SLURM: {', '.join(missing)} not installed (.ci/slurm.sh install)")
+    if os.geteuid() != 0:
+        pytest.skip("no SLURM: starting the test SLURM needs root (SlurmUser=root)")
+    folder = tmp_path_factory.mktemp("slurm")
+    script = REPO_ROOT / ".ci/slurm.sh"
+    started = subprocess.run(
+        [str(script), "start", str(folder)], capture_output=True, text=True, check=False
+    )
+    if started.returncode != 0:
+        pytest.skip(f"SLURM could not start here: {started.stderr.strip()}")
+    try:
+        yield Slurm(folder / "slurm.conf")
+    finally:
+        subprocess.run([str(script), "stop", str(folder)], capture_output=True, check=False)

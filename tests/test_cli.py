@@ -289,7 +289,8 @@ def test_log_format_json_for_errors(tmp_path: Path) -> None:
         "ingest", "--raw-dir", tmp_path, "--out", tmp_path / "o.zarr", "--log-format", "json"
     )
     assert result.exit_code == 2
-    assert result.stderr.splitlines()[-1].startswith("error: ")
+    error = json.loads(result.stderr.splitlines()[-1])  # the error line is JSON too
+    assert error["level"] == "error" and error["exit_code"] == 2 and "expected" in error["msg"]
 
 
 def test_log_format_human_is_not_json(tmp_path: Path, dataset: SyntheticDataset) -> None:
@@ -555,7 +556,11 @@ def test_config_accepts_what_the_options_accept(tmp_path: Path) -> None:
         ("MNIST_PIPELINE_INGEST_CHUNK_SIZE", "1e3", "expected an integer, got '1e3'"),
         ("MNIST_PIPELINE_INGEST_CHUNK_SIZE", "0", "expected an integer >= 1, got '0'"),
         ("MNIST_PIPELINE_INGEST_LOCK_TIMEOUT", "soon", "expected a number, got 'soon'"),
-        ("MNIST_PIPELINE_INGEST_LOG_FORMAT", "xml", "expected one of 'human', 'json'"),
+        (
+            "MNIST_PIPELINE_LOG_FORMAT",
+            "xml",
+            "expected one of 'human', 'json'",
+        ),  # one variable for every job
     ],
 )
 def test_environment_values_are_checked_in_one_line(name: str, value: str, fragment: str) -> None:
