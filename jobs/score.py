@@ -39,11 +39,11 @@ DEFAULT_BATCH_SIZE = 2048
 def score(
     ctx: typer.Context,
     source: Annotated[
-        Path,
+        list[Path],
         typer.Argument(
-            metavar="INPUT",
-            help="Folder of images (walked recursively), zarr store written by ingest, "
-            "or idx images file (raw or .gz).",
+            metavar="INPUT...",
+            help="Image files and folders of them (walked recursively), or one zarr store "
+            "written by ingest, or one idx images file (raw or .gz).",
             show_default=False,
         ),
     ],
@@ -90,6 +90,21 @@ def score(
             min=0,
         ),
     ] = None,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Write an empty output for an input without images (else exit 2).",
+        ),
+    ] = False,
+    output_format: Annotated[
+        Literal["none", "table", "csv", "jsonl"],
+        typer.Option(
+            "--format",
+            help="Also print the predictions on stdout: an aligned table, CSV or JSON lines "
+            "(the summary line then goes to stderr).",
+        ),
+    ] = "none",
     resume: Annotated[
         bool,
         typer.Option(
@@ -143,6 +158,7 @@ def score(
                     normalize=normalize,
                     batch_size=batch_size,
                     resume=resume,
+                    allow_empty=allow_empty,
                     scheduler=address,
                     workers=workers,
                     force=force,
@@ -156,8 +172,14 @@ def score(
             )
             raise typer.Exit(interrupted_exit(e)) from None
         r = result.result
-        report(
-            f"score: {r.get('ok', 0)} ok, {r.get('failed', 0)} failed -> {out}"
-            + (" (up to date)" if result.skipped else "")
+        summary = f"score: {r.get('ok', 0)} ok, {r.get('failed', 0)} failed -> {out}" + (
+            " (up to date)" if result.skipped else ""
         )
+        if output_format == "none":
+            report(summary)
+        else:
+            from pipeline.predictions import format_predictions
+
+            typer.echo(format_predictions(out, fmt=output_format), nl=False)
+            typer.echo(summary, err=True)
         check_failures(result, max_failures=max_failures)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -231,8 +232,9 @@ def test_distributed_scheduler(tmp_path: Path, model_dir: Path) -> None:
         n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
     ) as cluster:
         address = cluster.scheduler_address
-        result = run(model_dir, tmp_path / "in", tmp_path / "p.parquet", scheduler=address,
-                     batch_size=16)  # fmt: skip
+        result = run(
+            model_dir, tmp_path / "in", tmp_path / "p.parquet", scheduler=address, batch_size=16
+        )
     assert result.result["ok"] == 40 and result.result["parts"] == 3
     np.testing.assert_array_equal(
         read(result.output)["prediction"].to_numpy(), expected(model_dir, images)[0]
@@ -284,8 +286,9 @@ def test_image_files_and_folders_given_together(
     again = run(model_dir, [Path("one.png"), Path("more"), absolute], tmp_path / "p.parquet")
     assert again.skipped
     Image.fromarray(images[0]).save("more/new.png")
-    assert not run(model_dir, [Path("one.png"), Path("more"), absolute],
-                   tmp_path / "p.parquet").skipped  # fmt: skip
+    assert not run(
+        model_dir, [Path("one.png"), Path("more"), absolute], tmp_path / "p.parquet"
+    ).skipped
 
 
 def test_a_store_or_idx_file_must_be_the_only_input(tmp_path: Path, model_dir: Path) -> None:
@@ -554,8 +557,19 @@ def test_resume_after_sigkill(tmp_path: Path, model_dir: Path) -> None:
         proc.wait()
     before = part_stats(partial)
     assert 8 <= len(before) < 60
-    result = invoke("score", tmp_path / "in", "--model", model_dir, "--out", out,
-                    "--batch-size", 5, "--resume", "--lock-timeout", 5)  # fmt: skip
+    result = invoke(
+        "score",
+        tmp_path / "in",
+        "--model",
+        model_dir,
+        "--out",
+        out,
+        "--batch-size",
+        5,
+        "--resume",
+        "--lock-timeout",
+        5,
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"score: 300 ok, 0 failed -> {out}\n"
     assert "resuming" in result.stderr
@@ -808,8 +822,10 @@ def test_png_exports_of_mnist_test_set_score_exactly_like_the_store(
     renorm = tmp_path / "always.parquet"
     _cli_ok("score", pngs, "--model", model, "--out", renorm, "--normalize", "always")
     acc_always = float(np.mean(read(renorm)["prediction"].to_numpy() == labels))
-    print(f"MNIST test accuracy: train report {metrics['accuracy']:.4f}, scored {accuracy:.4f}, "
-          f"re-normalized PNGs {acc_always:.4f}")  # fmt: skip
+    print(
+        f"MNIST test accuracy: train report {metrics['accuracy']:.4f}, scored {accuracy:.4f}, "
+        f"re-normalized PNGs {acc_always:.4f}"
+    )
     assert acc_always > accuracy - 0.02, (acc_always, accuracy)
 
 
@@ -839,3 +855,45 @@ def test_walk_reports_names_that_are_not_utf8_as_rows(tmp_path: Path) -> None:
     ]
     for rel, _ in got:
         rel.encode()  # every path is valid UTF-8 now
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "jsonl"])
+def test_format_prints_the_predictions(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    images = digits(2)
+    Image.fromarray(images[0]).save("a.png")
+    Image.fromarray(images[1]).convert("RGB").save("b.jpg", quality=100)
+    Path("c.png").write_bytes(b"not an image")
+    result = invoke(
+        "score", "a.png", "b.jpg", "c.png", "--model", model_dir, "--out", "p", "--format", fmt
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == "score: 2 ok, 1 failed -> p"
+    df = read(Path("p"))
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["path"] for r in rows] == ["a.png", "b.jpg", "c.png"]
+        assert [r["prediction"] for r in rows[:2]] == df["prediction"][:2].tolist()
+        assert rows[2]["prediction"] is None and rows[2]["status"] != "ok"
+    elif fmt == "csv":
+        parsed = pd.read_csv(io.StringIO(result.stdout))
+        assert parsed["path"].tolist() == ["a.png", "b.jpg", "c.png"]
+        assert list(parsed.columns) == list(df.columns)
+    else:
+        lines = result.stdout.splitlines()
+        assert lines[0].split() == ["path", "prediction", "probability", "status"]
+        assert lines[1].split()[:2] == ["a.png", str(int(df["prediction"][0]))]
+        assert len(lines) == 4
+
+
+def test_allow_empty_from_the_command_line(tmp_path: Path, model_dir: Path) -> None:
+    (tmp_path / "in").mkdir()
+    refused = invoke("score", tmp_path / "in", "--model", model_dir, "--out", tmp_path / "p")
+    assert refused.exit_code == 2 and "got none" in refused.stderr
+    assert not (tmp_path / "p").exists()
+    allowed = invoke(
+        "score", tmp_path / "in", "--model", model_dir, "--out", tmp_path / "p", "--allow-empty"
+    )
+    assert allowed.exit_code == 0 and "0 ok, 0 failed" in allowed.stdout
