@@ -6,10 +6,13 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import FeatureFixture
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -31,7 +34,7 @@ from pipeline.train import (
 SMALL_GRID = {"C": [0.01, 1.0], "class_weight": [None]}
 
 
-def test_multiclass_on_learnable_data(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_multiclass_on_learnable_data(learnable_features: FeatureFixture, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = train(
         features=learnable_features.features, out=out, grid=SMALL_GRID, validation_size=100
@@ -47,12 +50,12 @@ def test_multiclass_on_learnable_data(learnable_features, tmp_path: Path) -> Non
     test = read_features(learnable_features.features, split="test")
     model = load_model(out)
     assert np.mean(model.predict(test.X) == test.y) == pytest.approx(metrics["accuracy"])
-    assert model.feature_config_hash == learnable_features.config.hash
+    assert model.feature_config_hash == learnable_features.config.hash  # type: ignore[attr-defined]
 
 
 def test_report_embeds_real_figures_and_agrees_with_metrics(
-    learnable_features, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    learnable_features: FeatureFixture, tmp_path: Path
+) -> None:
     out = tmp_path / "model"
     train(features=learnable_features.features, out=out, grid=SMALL_GRID, validation_size=100)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -71,7 +74,9 @@ def test_report_embeds_real_figures_and_agrees_with_metrics(
         assert f"figures/{name}.png" in (out / "report.md").read_text()
 
 
-def test_mistake_gallery_when_there_are_mistakes(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mistake_gallery_when_there_are_mistakes(
+    learnable_features: FeatureFixture, tmp_path: Path
+) -> None:
     # A strongly regularized model on few features makes mistakes to show.
     out = tmp_path / "model"
     train(features=learnable_features.features, out=out, grid={"C": [1e-5]}, validation_size=100)
@@ -83,7 +88,9 @@ def test_mistake_gallery_when_there_are_mistakes(learnable_features, tmp_path: P
     assert probs == sorted(probs, reverse=True)
 
 
-def test_binary_mode_precision_recall_and_threshold(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_binary_mode_precision_recall_and_threshold(
+    learnable_features: FeatureFixture, tmp_path: Path
+) -> None:
     out = tmp_path / "model"
     train(
         features=learnable_features.features,
@@ -102,7 +109,7 @@ def test_binary_mode_precision_recall_and_threshold(learnable_features, tmp_path
     assert np.mean(model.predict(test.X) == (test.y == 3)) == pytest.approx(metrics["accuracy"])
 
 
-def test_cv_mode_and_determinism(learnable_features, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cv_mode_and_determinism(learnable_features: FeatureFixture, tmp_path: Path) -> None:
     a = train(
         features=learnable_features.features, out=tmp_path / "a", grid=SMALL_GRID, cv=3, seed=1
     )
@@ -156,7 +163,7 @@ def test_parse_grid() -> None:
             parse_grid(bad)
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, learnable_features) -> None:  # type: ignore[no-untyped-def]
+def test_cli_errors_are_one_line(tmp_path: Path, learnable_features: FeatureFixture) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--features", str(tmp_path / "none")])
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
@@ -264,8 +271,8 @@ def test_one_standard_error_rule_prefers_the_simpler_model_within_the_noise() ->
 
 
 def test_cv_reports_mean_and_spread_and_applies_the_rule(
-    learnable_features, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+    learnable_features: FeatureFixture, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     logging.getLogger("mnist_pipeline").propagate = True
@@ -295,7 +302,7 @@ def test_progress_lines_appear_as_each_fit_finishes(
     events: list[tuple[str, float]] = []
     real = tr._fit_point
 
-    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def timed(*args: Any, **kwargs: Any) -> Any:
         events.append(("start", time.perf_counter()))
         out = real(*args, **kwargs)
         events.append(("end", time.perf_counter()))
@@ -343,8 +350,8 @@ def test_final_fit_is_warm_started_and_stops_on_the_holdout() -> None:
 
 
 def test_same_inputs_and_seed_give_byte_identical_artifacts(
-    learnable_features, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    learnable_features: FeatureFixture, tmp_path: Path
+) -> None:
     import zipfile
 
     kw = dict(features=learnable_features.features, grid={"C": [0.01, 1.0]}, validation_size=100,
@@ -380,8 +387,8 @@ def _train_args(features: Path, out: Path, *extra: str) -> list[str]:
     ],
 )
 def test_cli_bad_options_exit_2_with_one_line(
-    learnable_features, tmp_path: Path, extra: list[str], fragment: str
-) -> None:  # type: ignore[no-untyped-def]
+    learnable_features: FeatureFixture, tmp_path: Path, extra: list[str], fragment: str
+) -> None:
     res = CliRunner().invoke(app, _train_args(learnable_features.features, tmp_path / "m", *extra))
     assert res.exit_code == 2, res.output
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -391,8 +398,8 @@ def test_cli_bad_options_exit_2_with_one_line(
 
 
 def test_cli_refuses_a_store_other_than_the_features_one(
-    learnable_features, make_store, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    learnable_features: FeatureFixture, make_store: Callable[..., Path], tmp_path: Path
+) -> None:
     other = make_store("other.zarr")
     args = _train_args(learnable_features.features, tmp_path / "m")
     res = CliRunner().invoke(app, [*args, "--store", str(other)])
