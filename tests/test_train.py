@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -250,12 +251,16 @@ def test_auto_grid_extends_towards_an_optimum_outside_the_initial_grid() -> None
     assert auto.extended and auto.extended == sorted(auto.extended)  # upwards only
     assert auto.extended[0] == pytest.approx(max(DEFAULT_C) * 3)
     assert len(auto.extended) <= AUTO_MAX_EXTRA
-    assert auto.best.score > fixed.best.score and max(DEFAULT_C) < auto.best.C
+    top = max(auto.points, key=lambda p: p.score)  # the direction of improvement
+    assert top.score > max(p.score for p in fixed.points) and max(DEFAULT_C) < top.C
     Cs = [p.C for p in auto.points]
-    if max(Cs) > auto.best.C:
+    if max(Cs) > top.C:
         assert auto.warning is None  # interior: extension stopped there
     else:
         assert len(auto.extended) == AUTO_MAX_EXTRA and "auto stopped" in str(auto.warning)
+    # The one-standard-error rule (binomial on the hold-out) chose within the noise of the top.
+    assert auto.rule == "one standard error"
+    assert auto.best.score >= top.score - top.score_se and auto.best.C <= top.C
 
 
 def test_one_standard_error_rule_prefers_the_simpler_model_within_the_noise() -> None:
@@ -268,6 +273,14 @@ def test_one_standard_error_rule_prefers_the_simpler_model_within_the_noise() ->
     assert _one_standard_error(points).C == 0.1
     points[0] = pt(0.01, 0.94, 0.945, 0.95)  # mean 0.945 >= 0.95 - 0.0094
     assert _one_standard_error(points).C == 0.01
+    # A single hold-out of 10,000 images: binomial SE of 0.9907 is 0.00096 (~9.6 images).
+    hold = [
+        GridPoint(C=c, class_weight=None, fold_scores=(s,), n_iter=1, fit_seconds=0,
+                  converged=True, n_val=10_000)
+        for c, s in ((0.003, 0.9894), (0.01, 0.9906), (0.03, 0.9907))
+    ]  # fmt: skip
+    assert hold[2].score_se == pytest.approx(math.sqrt(0.9907 * 0.0093 / 10_000))
+    assert _one_standard_error(hold).C == 0.01  # one image better is no better
 
 
 def test_cv_reports_mean_and_spread_and_applies_the_rule(
