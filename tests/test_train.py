@@ -251,14 +251,14 @@ def test_auto_grid_extends_towards_an_optimum_outside_the_initial_grid() -> None
     assert auto.extended and auto.extended == sorted(auto.extended)  # upwards only
     assert auto.extended[0] == pytest.approx(max(DEFAULT_C) * 3)
     assert len(auto.extended) <= AUTO_MAX_EXTRA
-    top = max(auto.points, key=lambda p: p.score)  # the direction of improvement
-    assert top.score > max(p.score for p in fixed.points) and max(DEFAULT_C) < top.C
+    assert auto.best.score > fixed.best.score and max(DEFAULT_C) < auto.best.C
     Cs = [p.C for p in auto.points]
-    if max(Cs) > top.C:
+    if max(Cs) > auto.best.C:
         assert auto.warning is None  # interior: extension stopped there
     else:
         assert len(auto.extended) == AUTO_MAX_EXTRA and "auto stopped" in str(auto.warning)
     # The one-standard-error rule (binomial on the hold-out) chose within the noise of the top.
+    top = max(auto.points, key=lambda p: p.score)
     assert auto.rule == "one standard error"
     assert auto.best.score >= top.score - top.score_se and auto.best.C <= top.C
 
