@@ -11,6 +11,13 @@ Selection never sees the test split:
 Each fold standardizes with the mean and spread of its own fitting rows (all of them, also
 when the fits use a subsample), so no statistic of the validation rows leaks into a fit.
 
+The selection subsample (:data:`DEFAULT_SELECTION_SIZE` rows, seeded) makes each grid fit
+~2.5x cheaper. Measured on MNIST it picks the C that fits on all 50,000 fitting rows pick
+(C=0.01: 0.9894 / 0.9906 / 0.9904 on 20,000 rows for C=0.003 / 0.01 / 0.03, against
+0.9914 / 0.9920 / 0.9920 on 50,000); 10,000 rows picked C=0.03 and left the final fit 36
+iterations from its start instead of 24, so 20,000 it is. ``selection_size=None`` (CLI
+``--selection-size 0``) fits on all rows.
+
 **Grid points are independent.** Every fit runs until lbfgs's projected gradient is below
 ``tol`` (or ``max_iter``) from a start fixed by its own C: from zero when C <=
 :data:`ANCHOR_C`, else from the solution at C = ANCHOR_C (the anchor, itself fitted from
