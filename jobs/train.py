@@ -32,13 +32,14 @@ def train(
         ),
     ] = None,
     grid: Annotated[
-        str | None,
+        str,
         typer.Option(
             "--grid",
-            help="Hyper-parameter grid, e.g. 'C=0.01,0.03,0.1;class_weight=none,balanced'. "
-            "Default: C=0.003,0.01,0.03.",
+            help="Hyper-parameter grid, e.g. 'C=0.01,0.03,0.1;class_weight=none,balanced', or "
+            "'auto': C=0.003,0.01,0.03 extended by factors of 3 (at most 3 points) while the "
+            "best C is on the edge.",
         ),
-    ] = None,
+    ] = "auto",
     validation_size: Annotated[
         int,
         typer.Option(
@@ -55,11 +56,29 @@ def train(
             "--positive-class", help="Binary mode: 'is it this digit?' (reports a threshold)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for CV shuffling.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for CV shuffling and the selection subsample.")
+    ] = 0,
     max_iter: Annotated[
         int, typer.Option("--max-iter", help="lbfgs iteration limit per fit.", min=1)
     ] = 500,
-    tol: Annotated[float, typer.Option("--tol", help="lbfgs stopping tolerance.")] = 1e-4,
+    tol: Annotated[
+        float | None,
+        typer.Option("--tol", help="lbfgs stopping tolerance of every fit (default 1e-4)."),
+    ] = None,
+    selection_size: Annotated[
+        int | None,
+        typer.Option(
+            "--selection-size",
+            help="Fit the grid points on a seeded subsample of this many fitting rows "
+            "(default: the stage's default; 0: all rows).",
+            min=0,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", help="Grid points fitted in parallel (default: CPUs).", min=1),
+    ] = None,
     force: Force = False,
     lock_timeout: LockTimeout = 60.0,
     log_format: LogFormatOpt = "human",
@@ -69,7 +88,8 @@ def train(
 
     Example: mnist-pipeline train --features data/features --run-name default
     """
-    from pipeline.train import parse_grid  # lazy: keeps `--help` and other jobs fast to start
+    # lazy: keeps `--help` and other jobs fast to start
+    from pipeline.train import DEFAULT_SELECTION_SIZE, DEFAULT_TOL, parse_grid
     from pipeline.train import train as train_stage
 
     target = out or Path("data/models") / run_name
@@ -84,7 +104,11 @@ def train(
             positive_class=positive_class,
             seed=seed,
             max_iter=max_iter,
-            tol=tol,
+            tol=DEFAULT_TOL if tol is None else tol,
+            selection_size=(
+                DEFAULT_SELECTION_SIZE if selection_size is None else (selection_size or None)
+            ),
+            jobs=jobs,
             force=force,
             lock_timeout=lock_timeout,
         )
@@ -94,6 +118,21 @@ def train(
         ("test accuracy", f"{r.get('accuracy', float('nan')):.4%}"),
         ("best parameters", str(r.get("best_params"))),
     ]
+    if r.get("selection_rule"):
+        rows.append(("selection rule", str(r["selection_rule"])))
+    for g in r.get("grid") or []:
+        spread = f" +- {g['score_std']:.4f}" if len(g.get("fold_scores") or []) > 1 else ""
+        name = ", ".join(f"{k}={v}" for k, v in g["params"].items())
+        rows.append(
+            (
+                f"grid {name}",
+                f"{g['score']:.4f}{spread} ({g['n_iter']} it, {g['fit_seconds']:.1f} s)",
+            )
+        )
+    if r.get("grid_warning"):
+        rows.append(("warning", str(r["grid_warning"])))
+    if r.get("final_iterations") is not None:
+        rows.append(("final fit iterations", str(r["final_iterations"])))
     if positive_class is not None:
         rows.append(("decision threshold", f"{r.get('threshold', 0.5):.4f}"))
     rows.append(("features", str(r.get("n_features"))))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,28 @@ class LinearModel:
         return self.classes[np.argmax(proba, axis=1)]
 
 
+#: Timestamp of every ``model.npz`` entry: ``np.savez`` stamps the current time into the
+#: zip headers, so two identical models would differ in bytes (and checksum).
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes of an ``.npz`` of ``arrays`` (as ``np.savez`` writes it: uncompressed
+    ``<name>.npy`` entries), with fixed entry timestamps: same arrays, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
 def save_model(model: LinearModel, folder: Path) -> None:
     """Write ``model.npz`` and ``model.json`` into ``folder`` (created if missing)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    arrays = {name: np.asarray(getattr(model, name)) for name in _ARRAYS}
-    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub confuses ** with allow_pickle
-    data = buf.getvalue()
+    data = npz_bytes({name: np.asarray(getattr(model, name)) for name in _ARRAYS})
     (folder / "model.npz").write_bytes(data)
     doc = {
         "format": FORMAT,

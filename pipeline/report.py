@@ -173,14 +173,22 @@ def gallery_figure(
 def grid_figure(grid: Sequence[Mapping[str, Any]], *, metric: str) -> bytes:
     """Validation score against C for each non-C parameter combination."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for row in grid:
         key = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "C") or "C path"
-        series.setdefault(key, []).append((row["params"]["C"], row["score"]))
+        std = float(row.get("score_std") or 0.0) if len(row.get("fold_scores") or []) > 1 else 0
+        series.setdefault(key, []).append((row["params"]["C"], row["score"], std))
     for key, pts in series.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=key)
+        xs, ys, es = ([p[i] for p in pts] for i in range(3))
+        if any(es):  # cross-validation: +- one standard deviation over the folds
+            ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3, label=f"{key} (± std)")
+        else:
+            ax.plot(xs, ys, "o-", label=key)
     ax.set_xscale("log")
+    cs = sorted({float(row["params"]["C"]) for row in grid})
+    ax.set_xticks(cs, [f"{c:g}" for c in cs], rotation=45, fontsize=7)
+    ax.minorticks_off()
     ax.set_xlabel("C (inverse regularization)")
     ax.set_ylabel(f"validation {metric}")
     ax.grid(alpha=0.3)
@@ -235,11 +243,17 @@ def write_report(folder: Path, *, metrics: Mapping[str, Any], figures: Mapping[s
         (
             ", ".join(f"{k}={v}" for k, v in g["params"].items()),
             f"{g['score']:.4f}",
+            f"{g['score_std']:.4f}" if len(g.get("fold_scores") or []) > 1 else "-",
             f"{g['fit_seconds']:.2f}",
             g["n_iter"],
+            "yes" if g.get("converged", True) else "no (max_iter)",
         )
         for g in metrics["grid"]
     ]
+    if metrics.get("selection_rule"):
+        summary.append(("selection rule", metrics["selection_rule"]))
+    if metrics.get("grid_warning"):
+        summary.append(("warning", metrics["grid_warning"]))
     pairs = [(p["true"], p["predicted"], p["count"]) for p in test["most_confused"]]
     timings = [(k, f"{v:.2f}") for k, v in metrics["timings"].items()]
     imgs = "".join(
@@ -260,7 +274,19 @@ img{{max-width:100%}}</style></head><body>
 <h2>Most confused pairs (test)</h2>
 {_table(pairs, ("true", "predicted", "count"))}
 <h2>Grid search (validation)</h2>
-{_table(grid_rows, ("parameters", metrics["selection_metric"], "fit s", "iterations"))}
+{
+        _table(
+            grid_rows,
+            (
+                "parameters",
+                metrics["selection_metric"],
+                "± std",
+                "fit s",
+                "iterations",
+                "converged",
+            ),
+        )
+    }
 <h2>Timings (s)</h2>
 {_table(timings, ("stage", "seconds"))}
 <h2>Figures</h2>

@@ -31,8 +31,19 @@ def test_quick_benchmark_measures_every_stage_beside_its_peer(
     assert ("ingest", "ours", "mb_per_s") in got
     for r in doc["records"]:
         assert r["min"] <= r["value"] <= r["max"] and r["value"] > 0, r
-    accuracy = {r["impl"]: r["value"] for r in doc["records"] if r["metric"] == "accuracy"}
+    accuracy = {
+        r["impl"]: r["value"]
+        for r in doc["records"]
+        if r["metric"] == "accuracy" and r["stage"] == "train"
+    }
     assert accuracy["ours"] > accuracy["peer"] > 0.8
+    train = [r for r in doc["records"] if r["stage"] == "train" and r["impl"] == "ours"]
+    assert {r["metric"] for r in train} >= {"stage_s", "accuracy", "holdout_accuracy"}
+    # Fashion-MNIST beside MNIST when its files are there (../shared/data/fashion-mnist).
+    if (real_mnist_dir.parent / "fashion-mnist").is_dir():
+        fashion = {r["metric"]: r for r in doc["records"] if r["stage"] == "train_fashion"}
+        assert 0.7 < fashion["accuracy"]["value"] < 1 and fashion["stage_s"]["value"] > 0
+        assert "chose C=" in fashion["stage_s"]["note"]
     table = markdown_table(records)
     assert table.startswith("| stage | metric | ours | peer | ours / peer |")
     assert "| features | images_per_s |" in table

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import ArtifactError
-from pipeline.model import LinearModel, load_model, save_model
+from pipeline.model import _ARRAYS, LinearModel, load_model, save_model
 
 
 def _fitted(binary: bool) -> tuple[LogisticRegression, StandardScaler, np.ndarray, np.ndarray]:
@@ -108,3 +108,25 @@ def test_missing_artifact_and_wrong_width(tmp_path: Path) -> None:
     save_model(_artifact(est, scaler, False), tmp_path / "m")
     with pytest.raises(ArtifactError, match=r"expected features of shape \(n, 12\)"):
         load_model(tmp_path / "m").predict(X[:, :5])
+
+
+def test_npz_bytes_do_not_depend_on_the_time_of_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    import zipfile
+
+    est, scaler, X, _ = _fitted(False)
+    model = _artifact(est, scaler, False)
+    save_model(model, tmp_path / "a")
+    real = time.localtime
+    # zipfile stamps entries with time.localtime(): a save an hour later must give the same bytes
+    monkeypatch.setattr(time, "localtime", lambda secs=None: real((secs or time.time()) + 3600))
+    save_model(model, tmp_path / "b")
+    a, b = (tmp_path / d / "model.npz" for d in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    with zipfile.ZipFile(a) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert sorted(zf.namelist()) == sorted(f"{n}.npy" for n in _ARRAYS)
+    np.testing.assert_array_equal(load_model(tmp_path / "b").predict(X), est.predict(
+        scaler.transform(X)))  # fmt: skip
