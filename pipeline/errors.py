@@ -48,3 +48,8 @@ class ArtifactError(InputError):
 
 class LockError(PipelineError):
     """Another run holds the lock on the same output."""
+
+
+class DigitNotFoundError(InputError):
+    """A picture holds no usable digit: blank, only specks, several digits, or pixels that
+    are not numbers (NaN/inf). Raised by the normalization kernels (no file name)."""

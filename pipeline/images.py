@@ -46,7 +46,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import InputError
+from pipeline.errors import DigitNotFoundError, InputError
+from pipeline.normalize import check_finite, normalize_picture
 
 Normalize = Literal["auto", "always", "never"]
 NORMALIZE_MODES: tuple[Normalize, ...] = ("auto", "always", "never")
@@ -114,11 +115,20 @@ def refuse_decompression_bombs() -> None:
 
 
 def _composite_on_white(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``gray`` (uint8) over a white background with coverage ``alpha`` (uint8)."""
+    """``gray`` (uint8) over a white background with coverage ``alpha`` (uint8).
+
+    Light strokes on a mostly transparent background (white pen in a drawing app) would
+    vanish on white; they are composited on black instead. Light opaque content covering
+    most of the picture is a page with a transparent margin and stays on white.
+    """
     if alpha.min() == 255:  # opaque: keep the exact uint8 pixels
         return gray
     a = alpha.astype(np.float32) * np.float32(1 / 255)
-    return gray.astype(np.float32) * np.float32(1 / 255) * a + (1.0 - a)
+    g = gray.astype(np.float32) * np.float32(1 / 255)
+    covered = float(a.sum(dtype=np.float64))
+    if 0 < covered < 0.5 * a.size and float((g * a).sum(dtype=np.float64)) > 0.5 * covered:
+        return g * a
+    return g * a + (1.0 - a)
 
 
 def _pixels_u8(im: Image.Image) -> np.ndarray:
@@ -167,6 +177,10 @@ def _gray_array(im: Image.Image) -> np.ndarray:
         return np.clip(a.astype(np.float32) * np.float32(1 / 65535), 0.0, 1.0)
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
+        try:
+            check_finite(a)  # NaN/inf would make the peak (and every pixel) meaningless
+        except DigitNotFoundError as e:
+            raise BadImageError(str(e)) from None
         peak = float(a.max(initial=0.0))
         # Float TIFFs come as [0, 1] or [0, 255]; anything else is scaled by its peak.
         scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else peak
@@ -295,7 +309,8 @@ def to_uint8(gray: np.ndarray) -> np.ndarray:
 
 
 def normalize_digit(gray: np.ndarray) -> np.ndarray:
-    """Normalize any digit picture to MNIST's format (rules 2-6 of the module docstring).
+    """Normalize any digit picture to MNIST's format (rules 2-6 of the module docstring),
+    robustly: :func:`pipeline.normalize.normalize_picture`.
 
     Parameters
     ----------
@@ -310,50 +325,12 @@ def normalize_digit(gray: np.ndarray) -> np.ndarray:
     Raises
     ------
     BadImageError
-        The image has no ink (contrast below :data:`MIN_CONTRAST`).
+        No usable digit: blank, only specks, several digits far apart, NaN/inf pixels.
     """
-    x = to_unit(gray)
-    if x is gray:  # float input: work on a copy
-        x = x.copy()
-    background = float(np.median(_border(x)))
-    if background >= 0.5:
-        x = 1.0 - x
-        background = 1.0 - background
-    x -= np.float32(background)
-    np.maximum(x, 0.0, out=x)
-    peak = float(x.max())
-    if peak < MIN_CONTRAST:
-        raise BadImageError(
-            f"expected a digit darker or lighter than its background, got a blank image "
-            f"(contrast {peak:.3f} < {MIN_CONTRAST})"
-        )
-    x /= np.float32(peak)
-    ink = x > INK_THRESHOLD
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
-    crop = np.ascontiguousarray(x[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    h, w = crop.shape
-    factor = BOX / max(h, w)
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    if size != (w, h):
-        resized = Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)
-        crop = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-        crop /= np.float32(max(float(crop.max()), 1e-6))  # LANCZOS lowers thin strokes
-    return to_uint8(_place_by_mass(crop))
-
-
-def _place_by_mass(patch: np.ndarray) -> np.ndarray:
-    """Paste ``patch`` (h, w <= 28) into 28x28 with its centre of mass nearest the centre."""
-    h, w = patch.shape
-    H, W = MNIST_SHAPE
-    mass = float(patch.sum(dtype=np.float64))
-    cy = float(patch.sum(axis=1, dtype=np.float64) @ np.arange(h)) / mass
-    cx = float(patch.sum(axis=0, dtype=np.float64) @ np.arange(w)) / mass
-    top = min(max(round(MNIST_CENTER[0] - cy), 0), H - h)
-    left = min(max(round(MNIST_CENTER[1] - cx), 0), W - w)
-    out = np.zeros(MNIST_SHAPE, np.float32)
-    out[top : top + h, left : left + w] = patch
-    return out
+    try:
+        return normalize_picture(gray)
+    except DigitNotFoundError as e:
+        raise BadImageError(str(e)) from None
 
 
 def to_mnist(gray: np.ndarray, *, normalize: Normalize = "auto") -> np.ndarray:
@@ -370,6 +347,11 @@ def to_mnist(gray: np.ndarray, *, normalize: Normalize = "auto") -> np.ndarray:
     -------
     ndarray, shape (28, 28), uint8
     """
+    if gray.dtype != np.uint8:  # uint8 (the fast path) cannot hold NaN or inf
+        try:
+            check_finite(gray)
+        except DigitNotFoundError as e:
+            raise BadImageError(str(e)) from None
     if normalize == "never":
         if gray.shape != MNIST_SHAPE:
             raise BadImageError(
