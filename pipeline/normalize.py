@@ -13,8 +13,8 @@ min/max and box filters, labelling, distance transforms), never a per-pixel Pyth
    with a window of :data:`BACKGROUND_WINDOW` of the picture, wider than any stroke, so
    graded light and shadows stay in it and the ink does not; ink strength is the relative
    darkening ``(light - x) / light``, which undoes multiplicative illumination.
-4. **Polarity.** The same on the inverted picture gives light ink (chalk on a board);
-   the polarity whose strokes come out stronger is the ink. One code path for both.
+4. **Polarity** (:func:`ink_is_light`): light ink (chalk on a board) is inverted first,
+   so dark and light ink share one code path.
 5. **Threshold** (:func:`otsu_threshold`, identical to ``skimage.filters.threshold_otsu``)
    on the flattened picture; too little contrast between the classes is a blank picture.
 6. **Lines** (:func:`remove_lines`): long straight runs of ink are ruled lines, page
@@ -166,9 +166,25 @@ def _border_ring(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
 
 
-def _strong_ink(flat: np.ndarray) -> float:
-    """The 99.5th percentile of ink strength (on every other pixel): the strokes' level."""
-    return float(np.quantile(flat[::2, ::2], 0.995))
+def ink_is_light(x: np.ndarray) -> bool:
+    """Whether the ink is lighter than the page (chalk on a board, white on black).
+
+    Light ink needs a dark page (median of the outermost ring below half) whose bright
+    tail is farther from it than its dark tail, in *ratios* (light is multiplicative: a
+    dim photo of paper has a darkish ring and brighter paper elsewhere, but its ink is
+    darker than the ring by a larger factor than the paper is brighter). Tails are the
+    0.5th and 99.5th percentiles (of every other pixel).
+
+    Parameters
+    ----------
+    x : ndarray, shape (h, w), float32 in [0, 1]
+    """
+    page = float(np.median(_border_ring(x)))
+    if page >= 0.5:
+        return False
+    lo, hi = np.quantile(x[::2, ::2], (0.005, 0.995))
+    eps = 1 / 255
+    return bool(float(hi) / max(page, eps) > max(page, eps) / max(float(lo), eps))
 
 
 def flatten_background(x: np.ndarray, *, window: int) -> np.ndarray:
@@ -474,17 +490,8 @@ def normalize_steps(gray: np.ndarray) -> Steps:
     # size, strokes several times larger.
     work = ndi.gaussian_filter(work, max(0.8, 0.4 * f), mode="nearest")
     window = max(3, round(BACKGROUND_WINDOW * max(work.shape)))
-    flat = flatten_background(work, window=window)
-    flat_light = flatten_background(1.0 - work, window=window)
-    # Light ink (chalk on a board) needs both signs: a dark page (median of the outermost
-    # ring) and stronger strokes after flattening the inverted picture. Either alone
-    # misleads: a dim photo has a darkish ring; narrow strips of paper (a form's margin,
-    # the inside of loops) look like strokes when inverted.
-    light_ink = float(np.median(_border_ring(work))) < 0.5 and _strong_ink(
-        flat_light
-    ) > _strong_ink(flat)
-    if light_ink:
-        flat = flat_light
+    light_ink = ink_is_light(work)
+    flat = flatten_background(1.0 - work if light_ink else work, window=window)
     threshold = otsu_threshold(flat)
     mask = flat > threshold
     if not mask.any() or float(flat[mask].mean()) - float(flat[~mask].mean()) < MIN_CONTRAST:
