@@ -160,7 +160,11 @@ def page_light(x: np.ndarray, *, window: int) -> np.ndarray:
     k = LIGHT_REDUCE if min(h, w) >= 8 * LIGHT_REDUCE else 1
     small = x if k == 1 else _resize(x, (max(1, w // k), max(1, h // k)), Image.Resampling.BOX)
     win = max(3, round(window / k))
-    closed = ndi.minimum_filter(ndi.maximum_filter(small, size=win, mode="nearest"), size=win)
+    # Pad first: the min stage must see the max of windows reaching past the edge, else a
+    # gradient darkening toward the edge is overestimated there (and read as ink).
+    r = win // 2 + 1
+    padded = np.pad(small, r, mode="edge")
+    closed = ndi.minimum_filter(ndi.maximum_filter(padded, size=win), size=win)[r:-r, r:-r]
     light = closed if k == 1 else _resize(closed, (w, h), Image.Resampling.BILINEAR)
     return np.maximum(light, np.float32(MIN_LIGHT))
 
