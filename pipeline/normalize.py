@@ -315,12 +315,19 @@ def _both_sides(kept: np.ndarray, *, axis: int) -> np.ndarray:
     return np.moveaxis(before & after, 0, axis)
 
 
+def _inner_distance(mask: np.ndarray) -> np.ndarray:
+    """Distance of each ink pixel to the nearest non-ink pixel, outside the array counting
+    as non-ink (scipy's transform ignores the outside: a stroke cropped at the array edge
+    would look endless)."""
+    return ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
 def stroke_width(mask: np.ndarray) -> float:
     """Typical stroke width of a binary shape, px: twice the median distance-transform
     value on its ridge (pixels not below any 8-neighbour). 0.0 for an empty mask."""
     if not mask.any():
         return 0.0
-    d = ndi.distance_transform_edt(mask)
+    d = _inner_distance(mask)
     ridge = mask & (d >= ndi.maximum_filter(d, size=3))
     return float(2.0 * np.median(d[ridge]))
 
@@ -428,7 +435,7 @@ def normalize_stroke_width(shape: np.ndarray, *, scale: float) -> tuple[np.ndarr
     width = w / scale
     if width > THICK:
         r = min((w - THICK_TARGET * scale) / 2, KEEP_STROKES * w / 2)
-        thinner = ndi.distance_transform_edt(shape) > r
+        thinner = _inner_distance(shape) > r
         if thinner.any():
             return thinner, width
     elif 0 < width < THIN:
