@@ -16,23 +16,22 @@ at the centre. The rules, in order:
 1. **Gray.** Colour is reduced to luma (ITU-R 601-2, Pillow's ``convert("L")``);
    palettes are expanded first; 16-bit images keep their precision (scaled to [0, 1]);
    transparency is composited **on white**, because that is how an image with a
-   transparent background is shown on a page or screen (dark pen strokes stay visible).
-2. **Background.** The median of the outermost ring of pixels is the background level;
-   when it is light (>= half intensity) the image is inverted so ink is bright.
-3. **Contrast.** The background level is subtracted and the brightest ink stretched to
-   full intensity, so grey paper and faint pencil give MNIST's black/white range. An image
-   whose ink is weaker than :data:`MIN_CONTRAST` is refused as blank.
-4. **Crop** to the bounding box of pixels above :data:`INK_THRESHOLD`.
-5. **Scale** the longer side to 20 px keeping the aspect ratio (Pillow LANCZOS, which
-   low-pass filters when reducing), then stretch the peak back to full intensity.
-6. **Centre**: paste into 28x28 at the whole-pixel offset that puts the centre of mass
-   nearest :data:`MNIST_CENTER`, (14.0, 14.0): MNIST's own mean centre of mass, measured
-   on its 60,000 training images (std 0.3 px).
+   transparent background is shown on a page or screen (dark pen strokes stay visible),
+   except light strokes on a mostly transparent background, which go on black. EXIF
+   orientation is applied. Float images with NaN or infinite pixels are refused.
+2. **Any picture** (:func:`normalize_digit`, one code path: :mod:`pipeline.normalize`):
+   the page's light is flattened (a closing wider than strokes; relative darkening), ink
+   of either polarity is found with Otsu's threshold, ruled lines, page edges and form
+   boxes are removed, the digit is the main stroke mass and the pieces near it (specks
+   and far marks dropped), the stroke width is moved toward MNIST's, and the digit is
+   scaled (longer side 20 px) and centred by mass at :data:`MNIST_CENTER`, (14.0, 14.0):
+   MNIST's own mean centre of mass. A blank picture, only specks, or two digit-sized
+   marks far apart raise :class:`BadImageError` (a status row in ``score``).
 
 With ``normalize="auto"`` an image that already *is* in MNIST format, 28x28 after step 1
 with a dark background, is used exactly as decoded, so PNG exports of MNIST images give
-the same pixels as the dataset. ``"always"`` applies every step; ``"never"`` only step 1
-and requires 28x28.
+the same pixels as the dataset (and cost nothing more). ``"always"`` applies step 2 to
+every image; ``"never"`` only step 1 and requires 28x28.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DigitNotFoundError, InputError
-from pipeline.normalize import check_finite, normalize_picture
+from pipeline.normalize import BOX, MNIST_CENTER, check_finite, normalize_picture
 
 Normalize = Literal["auto", "always", "never"]
 NORMALIZE_MODES: tuple[Normalize, ...] = ("auto", "always", "never")
@@ -64,15 +63,9 @@ DEFAULT_GLOBS: tuple[str, ...] = (
 )  # fmt: skip
 
 MNIST_SHAPE = (28, 28)
-#: Longer side of the digit's box inside the 28x28 field.
-BOX = 20
-#: Where the centre of mass goes (row, column), in pixel indices: MNIST's measured mean.
-MNIST_CENTER = (14.0, 14.0)
-#: Ink level (after background removal and stretch, in [0, 1]) that counts for the
-#: bounding box; lower values are paper texture, JPEG noise or anti-aliasing fringes.
-INK_THRESHOLD = 0.2
-#: Ink weaker than this above the background (in [0, 1]) means there is no digit.
-MIN_CONTRAST = 0.1
+# BOX (longer side of the digit's box in the 28x28 field, 20) and MNIST_CENTER (where the
+# centre of mass goes, (row, column): MNIST's measured mean) come from pipeline.normalize.
+__all__ = ["BOX", "MNIST_CENTER"]  # re-exported for callers of this module
 #: Larger JPEGs (photos) are decoded at a reduced scale with this longer side at least:
 #: the JPEG decoder scales by 1/2 to 1/8 for free, and a digit that fills a fair part of a
 #: 1024 px frame keeps far more detail than the 20 px it is reduced to.

@@ -9,12 +9,12 @@ min/max and box filters, labelling, distance transforms), never a per-pixel Pyth
    scale below is a fixed fraction of the picture and the cost is bounded.
 2. **Denoise** at the scale of sensor/JPEG noise and paper fibre (a Gaussian of about one
    source pixel), far below stroke width.
-3. **Flatten the light** (:func:`flatten_background`): the page's light is a grey closing
+3. **Polarity** (:func:`ink_is_light`): light ink (chalk on a board) is inverted, so dark
+   and light ink share one code path.
+4. **Flatten the light** (:func:`flatten_background`): the page's light is a grey closing
    with a window of :data:`BACKGROUND_WINDOW` of the picture, wider than any stroke, so
    graded light and shadows stay in it and the ink does not; ink strength is the relative
    darkening ``(light - x) / light``, which undoes multiplicative illumination.
-4. **Polarity** (:func:`ink_is_light`): light ink (chalk on a board) is inverted first,
-   so dark and light ink share one code path.
 5. **Threshold** (:func:`otsu_threshold`, identical to ``skimage.filters.threshold_otsu``)
    on the flattened picture; too little contrast between the classes is a blank picture.
 6. **Lines** (:func:`remove_lines`): long straight runs of ink are ruled lines, page
@@ -383,15 +383,14 @@ def select_digit(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, float]:
     main = int(np.argmax(weight))
     if size[main] < MIN_DIGIT * max(h, w):
         raise DigitNotFoundError(
-            f"expected a digit, got only specks (largest mark {int(size[main])} px of "
-            f"{max(h, w)})"
+            f"expected a digit, got only specks (largest mark {int(size[main])} px of {max(h, w)})"
         )
-    t, b, l, r = (int(v) for v in box[main])
-    main_mask = labels[t : b + 1, l : r + 1] == main
+    t, b, lft, r = (int(v) for v in box[main])
+    main_mask = labels[t : b + 1, lft : r + 1] == main
     stroke = stroke_width(main_mask)
     gap = max(NEAR_STROKES * stroke, NEAR_BOX * float(size[main]))
     g = int(np.ceil(max(gap, FAR * float(size[main])))) + 1
-    t0, b0, l0, r0 = max(t - g, 0), min(b + g, h - 1), max(l - g, 0), min(r + g, w - 1)
+    t0, b0, l0, r0 = max(t - g, 0), min(b + g, h - 1), max(lft - g, 0), min(r + g, w - 1)
     near_labels = labels[t0 : b0 + 1, l0 : r0 + 1]
     dist = ndi.distance_transform_edt(near_labels != main)
     distance = np.full(n + 1, np.inf)
@@ -399,7 +398,7 @@ def select_digit(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, float]:
     # Per-label minimum by an unbuffered ufunc (ndi.minimum sorts the labels: 5x slower).
     np.minimum.at(distance, near_labels[inked], dist[inked])
     inside = (box[:, 0] >= t - stroke) & (box[:, 1] <= b + stroke)
-    inside &= (box[:, 2] >= l - stroke) & (box[:, 3] <= r + stroke)
+    inside &= (box[:, 2] >= lft - stroke) & (box[:, 3] <= r + stroke)
     big = (mass >= SECOND_DIGIT_MASS * mass[main]) & (size >= SECOND_DIGIT_SIZE * size[main])
     keep = (distance <= gap) & ((area >= MIN_PIECE * area[main]) | inside)
     # A large piece within FAR of the digit's size is a broken stroke (a 4 or 5 written
@@ -479,8 +478,8 @@ def layout(shape: np.ndarray) -> np.ndarray:
 
     Returns (28, 28) uint8.
     """
-    t, b, l, r = _crop_box(shape)
-    crop = shape[t:b, l:r].astype(np.float32)
+    t, b, lft, r = _crop_box(shape)
+    crop = shape[t:b, lft:r].astype(np.float32)
     h, w = crop.shape
     factor = BOX / max(h, w)
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
@@ -533,12 +532,12 @@ def normalize_steps(gray: np.ndarray) -> Steps:
     digit, _ = select_digit(mask, flat)
     # The digit as a binary shape SHAPE_SCALE times the final size: ink strength inside the
     # chosen components, resampled smoothly, then thresholded again (smooth edges).
-    t, b, l, r = _crop_box(digit)
+    t, b, lft, r = _crop_box(digit)
     pad = 2
-    t, l = max(t - pad, 0), max(l - pad, 0)
+    t, lft = max(t - pad, 0), max(lft - pad, 0)
     b, r = min(b + pad, digit.shape[0]), min(r + pad, digit.shape[1])
-    near = ndi.binary_dilation(digit[t:b, l:r], _EIGHT, iterations=2)
-    crop = np.where(near, flat[t:b, l:r], 0.0).astype(np.float32)
+    near = ndi.binary_dilation(digit[t:b, lft:r], _EIGHT, iterations=2)
+    crop = np.where(near, flat[t:b, lft:r], 0.0).astype(np.float32)
     h, w = crop.shape
     k = BOX * SHAPE_SCALE / max(h, w)
     size = (max(1, round(w * k)), max(1, round(h * k)))

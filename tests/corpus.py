@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,7 +72,9 @@ def uci_digits() -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- drawing primitives
 
 
-def _ink(digit28: np.ndarray, height: int, *, level: float = 0.45, soft: float = 0.25) -> np.ndarray:
+def _ink(
+    digit28: np.ndarray, height: int, *, level: float = 0.45, soft: float = 0.25
+) -> np.ndarray:
     """Coverage of pen ink (float32 in [0, 1]) for the 28x28 field drawn ``height`` px tall.
 
     The digit is enlarged smoothly and its edge sharpened around ``level`` (a higher level
@@ -106,13 +109,15 @@ def _random_place(
     return _place(canvas_hw, ink, top, left)
 
 
-def _compose(paper: np.ndarray, ink_rgb: Sequence[float], cover: np.ndarray) -> np.ndarray:
+def _compose(
+    paper: np.ndarray, ink_rgb: Sequence[float] | np.ndarray, cover: np.ndarray
+) -> np.ndarray:
     """RGB float image: ``paper`` (H, W, 3) covered by ink colour where ``cover`` > 0."""
     c = cover[..., None]
     return paper * (1.0 - c) + np.asarray(ink_rgb, np.float32) * c
 
 
-def _paper(hw: tuple[int, int], rgb: Sequence[float]) -> np.ndarray:
+def _paper(hw: tuple[int, int], rgb: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.asarray(rgb, np.float32), (*hw, 3)).copy()
 
 
@@ -227,16 +232,15 @@ def render_form_box(digit28: np.ndarray, rng: np.random.Generator) -> Image.Imag
     hw = _canvas(rng, 120, 240)
     H, W = hw
     t, b = int(H * rng.uniform(0.03, 0.12)), int(H * rng.uniform(0.88, 0.97))
-    l, r = int(W * rng.uniform(0.03, 0.12)), int(W * rng.uniform(0.88, 0.97))
+    lft, r = int(W * rng.uniform(0.03, 0.12)), int(W * rng.uniform(0.88, 0.97))
     k = int(rng.integers(2, 5))
     box = np.zeros(hw, np.float32)
-    box[t : t + k, l:r] = box[b - k : b, l:r] = 1.0
-    box[t:b, l : l + k] = box[t:b, r - k : r] = 1.0
-    size = int(min(b - t, r - l) * rng.uniform(0.85, 1.1))
-    inner = np.zeros(hw, np.float32)
+    box[t : t + k, lft:r] = box[b - k : b, lft:r] = 1.0
+    box[t:b, lft : lft + k] = box[t:b, r - k : r] = 1.0
+    size = int(min(b - t, r - lft) * rng.uniform(0.85, 1.1))
     ink = _ink(digit28, size)
     top = t + (b - t - size) // 2 + int(rng.integers(-3, 4))
-    left = l + (r - l - size) // 2 + int(rng.integers(-3, 4))
+    left = lft + (r - lft - size) // 2 + int(rng.integers(-3, 4))
     inner = _place(hw, ink, top, left)
     cover = np.clip(inner + box * 0.9, 0, 1)
     gray = 245 * (1 - cover) + 25 * cover + rng.normal(0, 2, hw)
@@ -289,10 +293,10 @@ def render_rotated(digit28: np.ndarray, rng: np.random.Generator) -> Image.Image
     """The digit rotated by 10-20 degrees either way, black on white."""
     hw = _canvas(rng, 100, 220)
     size = int(min(hw) * rng.uniform(0.6, 0.85))
-    ink = Image.fromarray(_ink(digit28, size))
+    upright = Image.fromarray(_ink(digit28, size))
     angle = rng.uniform(10, 20) * rng.choice([-1, 1])
-    ink = np.asarray(ink.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=0.0))
-    ink = np.clip(ink, 0, 1)
+    turned = upright.rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=0.0)
+    ink = np.clip(np.asarray(turned), 0, 1)
     pad = _random_place(rng, hw, ink[: hw[0], : hw[1]], 0.02)
     gray = 245 * (1 - pad) + 20 * pad + rng.normal(0, 2, hw)
     return _gray_image(gray)
@@ -307,9 +311,9 @@ def render_color(digit28: np.ndarray, rng: np.random.Generator) -> Image.Image:
     hw = _canvas(rng, 150, 300)
     size = int(min(hw) * rng.uniform(0.55, 0.8))
     cover = _random_place(rng, hw, _ink(digit28, size), 0.04)
-    paper = _paper(hw, _PAPERS[int(rng.integers(len(_PAPERS)))]) * _texture(rng, hw, 0.02)[
-        ..., None
-    ]
+    paper = (
+        _paper(hw, _PAPERS[int(rng.integers(len(_PAPERS)))]) * _texture(rng, hw, 0.02)[..., None]
+    )
     rgb = _compose(paper, _INKS[int(rng.integers(len(_INKS)))], cover)
     return _to_image(rgb, rng, noise=3)
 
@@ -369,7 +373,7 @@ def render_uci_scan(digit28: np.ndarray, rng: np.random.Generator) -> Image.Imag
 
 
 #: kind -> (source of digits, renderer, file extension, Pillow save options).
-KINDS: dict[str, tuple[str, Renderer, str, dict[str, object]]] = {
+KINDS: dict[str, tuple[str, Renderer, str, dict[str, Any]]] = {
     "mnist": ("mnist", render_mnist, "png", {}),
     "photo": ("mnist", render_photo, "jpg", {"quality": 70}),
     "scan_dust": ("mnist", render_scan_dust, "png", {}),
@@ -430,7 +434,7 @@ def write_corpus(
             label = int(labels[idx])
             path = folder / kind / str(label) / f"{i}.{ext}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save = dict(options)
+            save: dict[str, Any] = dict(options)
             if "exif" in im.info:
                 save["exif"] = im.info["exif"]
             im.save(path, **save)

@@ -8,22 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import KINDS, digits, mnist_test_digits, render, uci_digits, write_corpus
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-import pipeline.normalize as N
+import pipeline.normalize as N  # noqa: N812 (short: every test calls it)
 from pipeline.errors import DigitNotFoundError
-from pipeline.images import BadImageError, decode_gray, read_gray, to_mnist
-
-from corpus import KINDS, digits, mnist_test_digits, render, uci_digits, write_corpus
+from pipeline.images import NORMALIZE_MODES, BadImageError, decode_gray, read_gray, to_mnist
 
 
 def seven(
     size: tuple[int, int] = (200, 160), *, width: int = 12, at: tuple[int, int] = (0, 0)
 ) -> np.ndarray:
     """A dark '7' (two strokes) on white, ``size`` = (width, height), offset ``at``."""
-    w, h = size
     im = Image.new("L", size, 235)
     x, y = at
     ImageDraw.Draw(im).line(
@@ -107,7 +105,7 @@ def test_ruled_lines_are_removed_and_the_crossed_digit_bridged() -> None:
     kept, lines = N.remove_lines(mask)
     assert lines[101, :30].all() and not kept[101, :30].any()
     assert kept[101, 80:120].any()  # the leg is bridged across the removed line
-    labels, n = ndi.label(kept, structure=np.ones((3, 3)))
+    _, n = ndi.label(kept, structure=np.ones((3, 3)))
     assert n == 1  # the 7 is one piece again
 
 
@@ -117,7 +115,7 @@ def test_form_box_is_removed_but_long_digit_strokes_are_not() -> None:
     img[10:190, 10:14] = img[10:190, 186:190] = 20  # left and right
     img[30:170, 95:107] = 20  # a '1' spanning 70% of the height
     mask = img < 128
-    kept, lines = N.remove_lines(mask)
+    kept, _ = N.remove_lines(mask)
     assert not kept[12, :].any() and not kept[:, 12].any()  # the box is gone
     assert kept[30:170, 95:107].all()  # the 1 is intact
     # Without the box the 1 and a 3-like digit with long straight bars are kept whole.
@@ -196,9 +194,9 @@ def test_nan_and_inf_pixels_get_a_status(bad: float) -> None:
     small = np.zeros((28, 28), np.float32)  # the MNIST-format path too
     small[10:20, 12:15] = 1.0
     small[0, 0] = bad
-    for mode in ("auto", "always", "never"):
+    for mode in NORMALIZE_MODES:
         with pytest.raises(BadImageError, match="NaN or infinite"):
-            to_mnist(small, normalize=mode)  # type: ignore[arg-type]
+            to_mnist(small, normalize=mode)
 
 
 def test_float_tiff_with_nan_is_refused_when_decoded(tmp_path: Path) -> None:
@@ -259,10 +257,10 @@ def test_corpus_is_deterministic_and_in_imagefolder_layout(tmp_path: Path) -> No
     for (pa, label, kind), (pb, _, _) in zip(a, b, strict=True):
         assert pa.read_bytes() == pb.read_bytes()
         assert pa.parent.name == str(label) and pa.parent.parent.name == kind
-    exif = [p for p, _, k in a if k == "exif"][0]
+    exif = next(p for p, _, k in a if k == "exif")
     with Image.open(exif) as im:
         assert im.getexif().get(0x0112) in (3, 6, 8)
-    with Image.open([p for p, _, k in a if k == "rgba"][0]) as im:
+    with Image.open(next(p for p, _, k in a if k == "rgba")) as im:
         assert im.mode == "RGBA" and np.asarray(im)[..., 3].min() == 0
 
 
