@@ -49,7 +49,7 @@ WORK_MAX = 384
 BACKGROUND_WINDOW = 0.25
 #: The page's light is estimated on a copy this many times smaller (area averaged).
 LIGHT_REDUCE = 4
-#: The page's light is never taken below this (a black board inverted is still 0.9).
+#: The page's light is never taken below this (no division by black pixels).
 MIN_LIGHT = 0.05
 #: Ink weaker than this (relative darkening, class means apart) means a blank picture.
 MIN_CONTRAST = 0.1
@@ -79,8 +79,8 @@ FAR = 0.5
 BOX = 20
 SHAPE_SCALE = 4
 #: MNIST's stroke width in px of the 28x28 field (median of :func:`stroke_width` on the
-#: 60,000 training digits drawn at 4x: 2.5; 10th-90th percentile 1.8-3.6). Widths outside
-#: [THIN, THICK] are moved to the nearer of THIN_TARGET / THICK_TARGET.
+#: first 2,000 training digits drawn at 4x: 2.5; 10th-90th percentile 1.8-3.6). Widths
+#: outside [THIN, THICK] are moved to THIN_TARGET / THICK_TARGET.
 MNIST_STROKE = 2.5
 THIN, THIN_TARGET = 1.8, 2.2
 THICK, THICK_TARGET = 3.4, 2.8
@@ -94,9 +94,14 @@ _EIGHT = np.ones((3, 3), bool)
 
 @dataclass(frozen=True)
 class Steps:
-    """Intermediate arrays of :func:`normalize_picture` (for tests and figures).
+    """Intermediate results of :func:`normalize_picture` (for tests and figures).
 
-    All (h, w) arrays are on the working copy; ``ink`` is float32 in [0, 1], masks bool.
+    ``work`` (denoised working copy), ``flat`` (ink strength, float32 in [0, 1]), ``mask``
+    (ink after line removal), ``lines`` (removed line pixels) and ``digit`` (the chosen
+    components) are (h, w) arrays of the working copy; ``light_ink`` the polarity;
+    ``threshold`` Otsu's on ``flat``; ``stroke`` the digit's stroke width before
+    adjustment (px of the 28x28 field); ``shape`` the binary digit drawn at
+    :data:`SHAPE_SCALE` x; ``out`` the (28, 28) uint8 result.
     """
 
     work: np.ndarray
