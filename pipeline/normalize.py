@@ -74,7 +74,11 @@ MIN_PIECE = 0.03
 #: digit.
 SECOND_DIGIT_MASS = 0.35
 SECOND_DIGIT_SIZE = 0.5
-FAR = 0.5
+FAR = 0.6
+#: Rounds of growing the digit piece by piece (a stroke broken into a chain of pieces).
+CHAIN_ROUNDS = 4
+#: Specks narrower than this share of the stroke width are opened away from the digit.
+SPECK_OPEN = 0.3
 #: Final layout: digit box and the drawing scale used for the binary shape.
 BOX = 20
 SHAPE_SCALE = 4
@@ -394,23 +398,29 @@ def select_digit(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, float]:
     main_mask = labels[t : b + 1, lft : r + 1] == main
     stroke = stroke_width(main_mask)
     gap = max(NEAR_STROKES * stroke, NEAR_BOX * float(size[main]))
-    g = int(np.ceil(max(gap, FAR * float(size[main])))) + 1
-    t0, b0, l0, r0 = max(t - g, 0), min(b + g, h - 1), max(lft - g, 0), min(r + g, w - 1)
-    near_labels = labels[t0 : b0 + 1, l0 : r0 + 1]
-    dist = ndi.distance_transform_edt(near_labels != main)
-    distance = np.full(n + 1, np.inf)
-    inked = near_labels > 0
-    # Per-label minimum by an unbuffered ufunc (ndi.minimum sorts the labels: 5x slower).
-    np.minimum.at(distance, near_labels[inked], dist[inked])
     inside = (box[:, 0] >= t - stroke) & (box[:, 1] <= b + stroke)
     inside &= (box[:, 2] >= lft - stroke) & (box[:, 3] <= r + stroke)
     big = (mass >= SECOND_DIGIT_MASS * mass[main]) & (size >= SECOND_DIGIT_SIZE * size[main])
-    keep = (distance <= gap) & ((area >= MIN_PIECE * area[main]) | inside)
-    # A large piece within FAR of the digit's size is a broken stroke (a 4 or 5 written
-    # in two strokes), not a second digit.
-    keep |= big & ~touches & (distance <= FAR * float(size[main]))
-    keep[0] = False
+    piece = (area >= MIN_PIECE * area[main]) | inside
+    far = FAR * float(size[main])
+    keep = np.zeros(n + 1, bool)
     keep[main] = True
+    inked = labels > 0
+    lab_inked = labels[inked]
+    # A broken stroke is a chain of pieces: the digit grows from the main mass, each round
+    # adding the pieces near what it holds already (a few whole-array distance transforms).
+    for _ in range(CHAIN_ROUNDS if n > 1 else 0):
+        dist = ndi.distance_transform_edt(~keep[labels])
+        distance = np.full(n + 1, np.inf)
+        # Per-label minimum by an unbuffered ufunc (ndi.minimum sorts the labels: slower).
+        np.minimum.at(distance, lab_inked, dist[inked])
+        # A large piece within FAR of the digit's size is a broken stroke (a 4 or 5
+        # written in two strokes), not a second digit.
+        grown = keep | ((distance <= gap) & piece) | (big & ~touches & (distance <= far))
+        grown[0] = False
+        if np.array_equal(grown, keep):
+            break
+        keep = grown
     second = ~keep & ~touches & big
     second[0] = False
     if second.any():
@@ -419,6 +429,23 @@ def select_digit(mask: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, float]:
             "far apart"
         )
     return keep[labels], stroke
+
+
+def remove_specks(mask: np.ndarray, *, stroke: float) -> np.ndarray:
+    """A binary opening with a disc of radius :data:`SPECK_OPEN` * ``stroke``: dust
+    touching or near the strokes (narrower than the disc) goes, the strokes stay.
+
+    From two distance transforms (erosion, then dilation by the same radius), so the cost
+    does not grow with the radius. Returns ``mask`` when the opening would empty it.
+    """
+    r = SPECK_OPEN * stroke
+    if r < 1.0:
+        return mask
+    eroded = _inner_distance(mask) > r
+    if not eroded.any():
+        return mask
+    opened = (ndi.distance_transform_edt(~eroded) <= r) & mask
+    return opened
 
 
 def normalize_stroke_width(shape: np.ndarray, *, scale: float) -> tuple[np.ndarray, float]:
@@ -534,7 +561,8 @@ def normalize_steps(gray: np.ndarray) -> Steps:
             f"(contrast below {MIN_CONTRAST})"
         )
     mask, lines = remove_lines(mask)
-    digit, _ = select_digit(mask, flat)
+    digit, stroke = select_digit(mask, flat)
+    digit = remove_specks(digit, stroke=stroke)
     # The digit as a binary shape SHAPE_SCALE times the final size: ink strength inside the
     # chosen components, resampled smoothly, then thresholded again (smooth edges).
     t, b, lft, r = _crop_box(digit)

@@ -302,3 +302,19 @@ def _roundtrip(im: Image.Image, kind: str) -> io.BytesIO:
     im.save(buf, "JPEG" if ext == "jpg" else "PNG", **save)
     buf.seek(0)
     return buf
+
+
+def test_dust_touching_a_stroke_is_opened_away() -> None:
+    mask = np.zeros((120, 120), bool)
+    mask[10:110, 50:62] = True  # a stroke 12 px wide (13 by the ridge measure)
+    mask[60:63, 62:65] = True  # a 3 px speck stuck to its side
+    mask[100:103, 68:71] = True  # and one just beside it
+    stroke = N.stroke_width(mask)
+    out = N.remove_specks(mask, stroke=stroke)
+    assert not out[60:63, 63:65].any() and not out[100:103, 68:71].any()
+    # The stroke is intact (an opening only rounds its square ends).
+    np.testing.assert_array_equal(out[14:106, 50:62], mask[14:106, 50:62])
+    r = N.SPECK_OPEN * stroke
+    yy, xx = np.mgrid[-4:5, -4:5]
+    reference = ndi.binary_opening(mask, structure=(yy**2 + xx**2) <= r * r)
+    np.testing.assert_array_equal(out, reference)
