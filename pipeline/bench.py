@@ -72,6 +72,10 @@ class Record:
     note: str = ""
 
 
+#: File that marks a scratch folder as the benchmark's own, safe to empty.
+WORKDIR_MARKER = ".mnist-pipeline-bench"
+
+
 def _summary(
     stage: str, impl: str, metric: str, values: Sequence[float], n: int, note: str
 ) -> Record:
@@ -269,9 +273,18 @@ def run_benchmark(
     if not Path(source).is_dir():
         raise InputError(f"--source: expected a folder with the MNIST idx files, got {source}")
     workdir = workdir.resolve()
+    marker = workdir / WORKDIR_MARKER
     if workdir.exists():
+        # Only a scratch folder the benchmark made itself is emptied (never, say, data/).
+        if any(workdir.iterdir()) and not marker.is_file():
+            raise InputError(
+                f"{workdir}: refusing to empty it: expected a new folder or a scratch folder "
+                f"of an earlier benchmark (with {WORKDIR_MARKER}), got a folder this pipeline "
+                "did not make"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    marker.write_text("scratch folder of mnist-pipeline bench; emptied by every run\n")
     reps = reps or (2 if quick else 3)
     n_train, n_test = (10_000, 2_000) if quick else (None, None)
     raw = workdir / "raw"

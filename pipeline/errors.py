@@ -57,3 +57,8 @@ class ClusterError(PipelineError):
     not deliver its workers (SLURM, dask), a dask scheduler that cannot be reached, a
     cluster left without workers, workers killed while running a task (often for memory),
     or a local worker process that died."""
+
+
+class DigitNotFoundError(InputError):
+    """A picture holds no usable digit: blank, only specks, several digits, or pixels that
+    are not numbers (NaN/inf). Raised by the normalization kernels (no file name)."""

@@ -16,23 +16,22 @@ at the centre. The rules, in order:
 1. **Gray.** Colour is reduced to luma (ITU-R 601-2, Pillow's ``convert("L")``);
    palettes are expanded first; 16-bit images keep their precision (scaled to [0, 1]);
    transparency is composited **on white**, because that is how an image with a
-   transparent background is shown on a page or screen (dark pen strokes stay visible).
-2. **Background.** The median of the outermost ring of pixels is the background level;
-   when it is light (>= half intensity) the image is inverted so ink is bright.
-3. **Contrast.** The background level is subtracted and the brightest ink stretched to
-   full intensity, so grey paper and faint pencil give MNIST's black/white range. An image
-   whose ink is weaker than :data:`MIN_CONTRAST` is refused as blank.
-4. **Crop** to the bounding box of pixels above :data:`INK_THRESHOLD`.
-5. **Scale** the longer side to 20 px keeping the aspect ratio (Pillow LANCZOS, which
-   low-pass filters when reducing), then stretch the peak back to full intensity.
-6. **Centre**: paste into 28x28 at the whole-pixel offset that puts the centre of mass
-   nearest :data:`MNIST_CENTER`, (14.0, 14.0): MNIST's own mean centre of mass, measured
-   on its 60,000 training images (std 0.3 px).
+   transparent background is shown on a page or screen (dark pen strokes stay visible),
+   except light strokes on a mostly transparent background, which go on black. EXIF
+   orientation is applied. Float images with NaN or infinite pixels are refused.
+2. **Any picture** (:func:`normalize_digit`, one code path: :mod:`pipeline.normalize`):
+   the page's light is flattened (a closing wider than strokes; relative darkening), ink
+   of either polarity is found with Otsu's threshold, ruled lines, page edges and form
+   boxes are removed, the digit is the main stroke mass and the pieces near it (specks
+   and far marks dropped), the stroke width is moved toward MNIST's, and the digit is
+   scaled (longer side 20 px) and centred by mass at :data:`MNIST_CENTER`, (14.0, 14.0):
+   MNIST's own mean centre of mass. A blank picture, only specks, or two digit-sized
+   marks far apart raise :class:`BadImageError` (a status row in ``score``).
 
 With ``normalize="auto"`` an image that already *is* in MNIST format, 28x28 after step 1
 with a dark background, is used exactly as decoded, so PNG exports of MNIST images give
-the same pixels as the dataset. ``"always"`` applies every step; ``"never"`` only step 1
-and requires 28x28.
+the same pixels as the dataset (and cost nothing more). ``"always"`` applies step 2 to
+every image; ``"never"`` only step 1 and requires 28x28.
 """
 
 from __future__ import annotations
@@ -46,7 +45,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import InputError
+from pipeline.errors import DigitNotFoundError, InputError
+from pipeline.normalize import BOX, MNIST_CENTER, check_finite, normalize_picture
 
 Normalize = Literal["auto", "always", "never"]
 NORMALIZE_MODES: tuple[Normalize, ...] = ("auto", "always", "never")
@@ -63,15 +63,9 @@ DEFAULT_GLOBS: tuple[str, ...] = (
 )  # fmt: skip
 
 MNIST_SHAPE = (28, 28)
-#: Longer side of the digit's box inside the 28x28 field.
-BOX = 20
-#: Where the centre of mass goes (row, column), in pixel indices: MNIST's measured mean.
-MNIST_CENTER = (14.0, 14.0)
-#: Ink level (after background removal and stretch, in [0, 1]) that counts for the
-#: bounding box; lower values are paper texture, JPEG noise or anti-aliasing fringes.
-INK_THRESHOLD = 0.2
-#: Ink weaker than this above the background (in [0, 1]) means there is no digit.
-MIN_CONTRAST = 0.1
+# BOX (longer side of the digit's box in the 28x28 field, 20) and MNIST_CENTER (where the
+# centre of mass goes, (row, column): MNIST's measured mean) come from pipeline.normalize.
+__all__ = ["BOX", "MNIST_CENTER"]  # re-exported for callers of this module
 #: Larger JPEGs (photos) are decoded at a reduced scale with this longer side at least:
 #: the JPEG decoder scales by 1/2 to 1/8 for free, and a digit that fills a fair part of a
 #: 1024 px frame keeps far more detail than the 20 px it is reduced to.
@@ -114,11 +108,20 @@ def refuse_decompression_bombs() -> None:
 
 
 def _composite_on_white(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``gray`` (uint8) over a white background with coverage ``alpha`` (uint8)."""
+    """``gray`` (uint8) over a white background with coverage ``alpha`` (uint8).
+
+    Light strokes on a mostly transparent background (white pen in a drawing app) would
+    vanish on white; they are composited on black instead. Light opaque content covering
+    most of the picture is a page with a transparent margin and stays on white.
+    """
     if alpha.min() == 255:  # opaque: keep the exact uint8 pixels
         return gray
     a = alpha.astype(np.float32) * np.float32(1 / 255)
-    return gray.astype(np.float32) * np.float32(1 / 255) * a + (1.0 - a)
+    g = gray.astype(np.float32) * np.float32(1 / 255)
+    covered = float(a.sum(dtype=np.float64))
+    if 0 < covered < 0.5 * a.size and float((g * a).sum(dtype=np.float64)) > 0.5 * covered:
+        return g * a
+    return g * a + (1.0 - a)
 
 
 def _pixels_u8(im: Image.Image) -> np.ndarray:
@@ -167,6 +170,10 @@ def _gray_array(im: Image.Image) -> np.ndarray:
         return np.clip(a.astype(np.float32) * np.float32(1 / 65535), 0.0, 1.0)
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
+        try:
+            check_finite(a)  # NaN/inf would make the peak (and every pixel) meaningless
+        except DigitNotFoundError as e:
+            raise BadImageError(str(e)) from None
         peak = float(a.max(initial=0.0))
         # Float TIFFs come as [0, 1] or [0, 255]; anything else is scaled by its peak.
         scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else peak
@@ -295,7 +302,8 @@ def to_uint8(gray: np.ndarray) -> np.ndarray:
 
 
 def normalize_digit(gray: np.ndarray) -> np.ndarray:
-    """Normalize any digit picture to MNIST's format (rules 2-6 of the module docstring).
+    """Normalize any digit picture to MNIST's format (rules 2-6 of the module docstring),
+    robustly: :func:`pipeline.normalize.normalize_picture`.
 
     Parameters
     ----------
@@ -310,50 +318,12 @@ def normalize_digit(gray: np.ndarray) -> np.ndarray:
     Raises
     ------
     BadImageError
-        The image has no ink (contrast below :data:`MIN_CONTRAST`).
+        No usable digit: blank, only specks, several digits far apart, NaN/inf pixels.
     """
-    x = to_unit(gray)
-    if x is gray:  # float input: work on a copy
-        x = x.copy()
-    background = float(np.median(_border(x)))
-    if background >= 0.5:
-        x = 1.0 - x
-        background = 1.0 - background
-    x -= np.float32(background)
-    np.maximum(x, 0.0, out=x)
-    peak = float(x.max())
-    if peak < MIN_CONTRAST:
-        raise BadImageError(
-            f"expected a digit darker or lighter than its background, got a blank image "
-            f"(contrast {peak:.3f} < {MIN_CONTRAST})"
-        )
-    x /= np.float32(peak)
-    ink = x > INK_THRESHOLD
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
-    crop = np.ascontiguousarray(x[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    h, w = crop.shape
-    factor = BOX / max(h, w)
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    if size != (w, h):
-        resized = Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)
-        crop = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-        crop /= np.float32(max(float(crop.max()), 1e-6))  # LANCZOS lowers thin strokes
-    return to_uint8(_place_by_mass(crop))
-
-
-def _place_by_mass(patch: np.ndarray) -> np.ndarray:
-    """Paste ``patch`` (h, w <= 28) into 28x28 with its centre of mass nearest the centre."""
-    h, w = patch.shape
-    H, W = MNIST_SHAPE
-    mass = float(patch.sum(dtype=np.float64))
-    cy = float(patch.sum(axis=1, dtype=np.float64) @ np.arange(h)) / mass
-    cx = float(patch.sum(axis=0, dtype=np.float64) @ np.arange(w)) / mass
-    top = min(max(round(MNIST_CENTER[0] - cy), 0), H - h)
-    left = min(max(round(MNIST_CENTER[1] - cx), 0), W - w)
-    out = np.zeros(MNIST_SHAPE, np.float32)
-    out[top : top + h, left : left + w] = patch
-    return out
+    try:
+        return normalize_picture(gray)
+    except DigitNotFoundError as e:
+        raise BadImageError(str(e)) from None
 
 
 def to_mnist(gray: np.ndarray, *, normalize: Normalize = "auto") -> np.ndarray:
@@ -370,6 +340,11 @@ def to_mnist(gray: np.ndarray, *, normalize: Normalize = "auto") -> np.ndarray:
     -------
     ndarray, shape (28, 28), uint8
     """
+    if gray.dtype != np.uint8:  # uint8 (the fast path) cannot hold NaN or inf
+        try:
+            check_finite(gray)
+        except DigitNotFoundError as e:
+            raise BadImageError(str(e)) from None
     if normalize == "never":
         if gray.shape != MNIST_SHAPE:
             raise BadImageError(

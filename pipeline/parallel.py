@@ -350,8 +350,13 @@ def _process_pool(
         # demand otherwise (CPython >= 3.9 has _launch_processes; without it, on demand).
         with signals_deferred():
             launch = getattr(pool, "_launch_processes", None)
-            if launch is not None:
+            manage = getattr(pool, "_start_executor_manager_thread", None)
+            if launch is not None and manage is not None:
                 launch()
+                # Started with the workers, not on the first submit: without it, a pool
+                # that runs no task (an empty input) never tells its workers to exit on
+                # shutdown, and the interpreter waits for them forever at exit.
+                manage()
     except BaseException:
         _stop_workers(pool)
         raise

@@ -63,3 +63,12 @@ def test_markdown_table_ratio() -> None:
 def test_missing_source_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="expected a folder"):
         run_benchmark(source=tmp_path / "nope", workdir=tmp_path / "w", results=tmp_path / "r.json")
+
+
+def test_bench_never_empties_a_folder_it_did_not_make(tmp_path: Path, real_mnist_dir: Path) -> None:
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="refusing to empty it"):
+        run_benchmark(source=real_mnist_dir, results=tmp_path / "r.json", workdir=mine, quick=True)
+    assert (mine / "notes.txt").read_text() == "keep me"

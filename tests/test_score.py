@@ -897,3 +897,32 @@ def test_allow_empty_from_the_command_line(tmp_path: Path, model_dir: Path) -> N
         "score", tmp_path / "in", "--model", model_dir, "--out", tmp_path / "p", "--allow-empty"
     )
     assert allowed.exit_code == 0 and "0 ok, 0 failed" in allowed.stdout
+
+
+def test_a_job_whose_pool_runs_no_task_still_exits(tmp_path: Path, model_dir: Path) -> None:
+    """An empty input with --allow-empty starts the worker pool and gives it nothing to do;
+    the workers must still be told to exit, or the interpreter waits for them at exit."""
+    (tmp_path / "in").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs",
+            "score",
+            str(tmp_path / "in"),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "p"),
+            "--allow-empty",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0 ok, 0 failed" in proc.stdout
