@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -319,7 +320,14 @@ def _job_ids(cluster: Any) -> list[str]:
     return [str(job.job_id) for job in list(cluster.workers.values()) if job.job_id]
 
 
-def _slurm_cluster(options: SlurmOptions) -> Any:
+def _import_slurm_cluster() -> Any:
+    """dask-jobqueue's ``SLURMCluster``, imported without its side effect on signals.
+
+    Importing dask_jobqueue runs ``signal.signal(SIGINT, lambda *_: sys.exit())`` (its
+    ``runner`` module, for its own processes): in this job Ctrl-C would then end the run
+    through ``SystemExit`` with exit code 0. The previous handler is put back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
@@ -327,6 +335,15 @@ def _slurm_cluster(options: SlurmOptions) -> Any:
             "--cluster slurm: expected the dask-jobqueue package, got none installed "
             "(pip install dask-jobqueue)"
         ) from None
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            with contextlib.suppress(ValueError):  # not the main thread: it could not set it
+                signal.signal(signal.SIGINT, previous)
+    return SLURMCluster
+
+
+def _slurm_cluster(options: SlurmOptions) -> Any:
+    SLURMCluster = _import_slurm_cluster()
     if options.interface is not None:
         import psutil
 

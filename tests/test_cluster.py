@@ -416,3 +416,14 @@ def test_the_cluster_table_passes_the_config_check(
     result = CliRunner().invoke(app, ["config", "show"])
     assert result.exit_code == 2
     assert "unknown key corse in [cluster]" in result.stderr and "cores" in result.stderr
+
+
+def test_importing_dask_jobqueue_leaves_ctrl_c_alone() -> None:
+    """dask_jobqueue's import sets SIGINT to sys.exit() (exit code 0 on Ctrl-C)."""
+    import signal
+
+    from pipeline.cluster import _import_slurm_cluster
+
+    before = signal.getsignal(signal.SIGINT)
+    _import_slurm_cluster()
+    assert signal.getsignal(signal.SIGINT) is before
