@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.catalogue import Column
 from pipeline.errors import ConfigMismatchError, StoreError
-from pipeline.paths import manifest_path
+from pipeline.paths import manifest_path, read_manifest
 
 META_KEY = b"mnist_pipeline"
 #: Parquet codecs the features stage offers (every parquet reader supports them).
@@ -204,10 +204,7 @@ def listed_parts(folder: Path) -> list[Part]:
     """
     folder = Path(folder)
     where = manifest_path(folder.absolute())
-    try:
-        manifest = json.loads(where.read_text())
-    except (OSError, ValueError):
-        manifest = None
+    manifest = read_manifest(folder.absolute())
     parts = ((manifest or {}).get("result") or {}).get("part_files")
     if (
         not isinstance(manifest, dict)

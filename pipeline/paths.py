@@ -67,16 +67,17 @@ def temp_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.partial")
 
 
-def _contains(outer: Path, inner: Path) -> bool:
-    return outer == inner or outer in inner.parents
-
-
-def _read_stage(manifest: Path) -> Any:
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of ``output``, or None when there is none or it is unreadable."""
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest_path(output).read_text())
     except (OSError, ValueError):
         return None
-    return data.get("stage") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
 
 
 def check_output(
@@ -123,7 +124,7 @@ def check_output(
             )
     if not replaces or not (output.exists() or output.is_symlink()):
         return
-    owner = _read_stage(manifest_path(output))
+    owner = (read_manifest(output) or {}).get("stage")
     if owner != stage:
         kind = "folder" if output.is_dir() else "file"
         got = (

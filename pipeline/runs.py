@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.paths import manifest_path
+from pipeline.paths import read_manifest
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def load_run(folder: Path, *, name: str | None = None) -> Run:
     if not model:
         raise InputError(f"expected a model folder with model.json at {folder}, got none")
     metrics = _json(folder / "metrics.json")
-    manifest = _json(manifest_path(folder.absolute()))
+    manifest = read_manifest(folder.absolute()) or {}
     run = manifest.get("run") or {}
     return Run(
         name=name or folder.name,

@@ -38,7 +38,7 @@ from pipeline import __version__
 from pipeline.errors import InputError, LockError
 from pipeline.fingerprint import content_fingerprint, disk_usage, fsync_dir, stat_fingerprint
 from pipeline.logs import get_logger
-from pipeline.paths import check_output, local_path, manifest_path, temp_path
+from pipeline.paths import check_output, local_path, manifest_path, read_manifest, temp_path
 
 MANIFEST_VERSION = 1
 _TRACKED_LIBRARIES = (
@@ -123,15 +123,6 @@ def _plan_status(
         return status(None, str(e))
     fingerprints = {name: input_fingerprint(p) for name, p in inputs.items()}
     return status(*is_up_to_date(output, inputs=fingerprints, params=params))
-
-
-def read_manifest(output: Path) -> dict[str, Any] | None:
-    """The manifest of ``output``, or None when there is none or it is unreadable."""
-    try:
-        data = json.loads(manifest_path(output).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def library_versions() -> dict[str, str]:
